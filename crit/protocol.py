@@ -1,0 +1,152 @@
+"""The minimum-ratio protocol for one initialization, and its vmapped, chunked driver.
+
+For init ``i`` (REFERENCES §3, homework 1-2-3):
+
+1. key_i = fold_in(PRNGKey(seed), i); θ₀ = init_fn(key_i),
+2. train with optax for ``train_steps`` full-batch steps (float64, or float32 if asked),
+3. refine to a critical point in float64 with the chosen finder,
+4. exact Hessian of the full-batch loss, symmetrized, all eigenvalues by ``eigvalsh``,
+5. certify (‖g‖ ≤ grad_tol) and classify eigenvalues with tolerance τ.
+
+:func:`analyze_init` does this for one init id; :func:`make_chunk_fn` lifts it with ``vmap`` and
+``jit``. Init ``i`` always gets the same key, so its results do not depend on the chunk it is in.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crit.critical import certify, find_critical_point
+from crit.hessian import dense_hessian
+from crit.problems import Problem
+from crit.spectrum import classify_spectrum
+from crit.train import cast_params, make_optimizer, train
+
+
+class ProtocolConfig(NamedTuple):
+    """Everything in the protocol that changes numbers (hashable: used as a static jit arg)."""
+
+    seed: int = 0
+    optimizer: str = "adam"
+    learning_rate: float = 1e-2
+    momentum: float = 0.9
+    train_steps: int = 2000
+    log_every: int = 10
+    train_dtype: str = "float64"
+    finder: str = "newton"
+    finder_steps: int = 30
+    finder_lr: float = 1e-3
+    grad_tol: float = 1e-8
+    flat_tol: float = 1e-3
+    eig_tol: float | None = None
+
+
+class InitRecord(NamedTuple):
+    """Per-init result: the row of results.csv plus raw eigenvalues and curves."""
+
+    init_id: jax.Array
+    status: jax.Array
+    loss: jax.Array
+    grad_norm: jax.Array
+    flatness: jax.Array
+    train_loss: jax.Array          # loss where training stopped, before refinement
+    train_grad_norm: jax.Array
+    finder_iterations: jax.Array
+    n_pos: jax.Array
+    n_neg: jax.Array
+    n_null: jax.Array
+    min_ratio: jax.Array
+    index: jax.Array
+    null_fraction: jax.Array
+    nonnull_ratio: jax.Array
+    lambda_min: jax.Array
+    lambda_max: jax.Array
+    tolerance: jax.Array
+    eigenvalues: jax.Array         # (P,) ascending, raw
+    curve_loss: jax.Array          # training loss every log_every steps
+    curve_grad_norm: jax.Array     # training gradient norm every log_every steps
+    finder_history: jax.Array      # ‖g‖ per finder iteration (NaN after it stopped)
+
+
+def init_key(seed: int, init_id) -> jax.Array:
+    """The key of init ``init_id``: fold_in(PRNGKey(seed), init_id), independent of chunking."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), init_id)
+
+
+def finder_kwargs(cfg: ProtocolConfig) -> dict:
+    if cfg.finder == "newton":
+        return dict(max_iters=cfg.finder_steps)
+    return dict(num_steps=cfg.finder_steps, learning_rate=cfg.finder_lr)
+
+
+def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id) -> InitRecord:
+    """Run the whole protocol (module docstring) for one init id; vmap-able over ``init_id``."""
+    params = problem.init_fn(init_key(cfg.seed, init_id))
+    train_dtype = jnp.float32 if cfg.train_dtype == "float32" else jnp.float64
+    optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.momentum)
+    params, log = train(problem.loss_fn, optimizer, cast_params(params, train_dtype),
+                        cfg.train_steps, cfg.log_every)
+    params = cast_params(params, jnp.float64)
+    found = find_critical_point(problem.loss_fn, params, cfg.finder, cfg.grad_tol,
+                                **finder_kwargs(cfg))
+    eigenvalues = jnp.linalg.eigvalsh(dense_hessian(problem.loss_fn, found.params))
+    summary = classify_spectrum(eigenvalues, cfg.eig_tol)
+    cert = certify(problem.loss_fn, found.params, jnp.max(jnp.abs(eigenvalues)), cfg.grad_tol,
+                   cfg.flat_tol)
+    return InitRecord(
+        init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
+        grad_norm=cert.grad_norm, flatness=cert.flatness,
+        train_loss=log.loss[-1].astype(jnp.float64),
+        train_grad_norm=log.grad_norm[-1].astype(jnp.float64),
+        finder_iterations=found.iterations, n_pos=summary.n_pos, n_neg=summary.n_neg,
+        n_null=summary.n_null, min_ratio=summary.min_ratio, index=summary.index,
+        null_fraction=summary.null_fraction, nonnull_ratio=summary.nonnull_ratio,
+        lambda_min=summary.lambda_min, lambda_max=summary.lambda_max,
+        tolerance=summary.tolerance, eigenvalues=eigenvalues,
+        curve_loss=log.loss.astype(jnp.float64),
+        curve_grad_norm=log.grad_norm.astype(jnp.float64),
+        finder_history=found.history)
+
+
+def make_chunk_fn(problem: Problem, cfg: ProtocolConfig):
+    """``ids (c,) -> InitRecord`` with a leading chunk axis: ``jit(vmap(analyze_init))``."""
+    return jax.jit(jax.vmap(lambda i: analyze_init(problem, cfg, i)))
+
+
+def run_chunk(chunk_fn, init_ids: np.ndarray, chunk_size: int) -> dict[str, np.ndarray]:
+    """Evaluate ``init_ids`` padded to ``chunk_size`` (one compiled shape); drop the padding.
+
+    Padding repeats the last id, so it never adds work of a new kind, and its rows are cut off
+    before anything is returned.
+    """
+    n = len(init_ids)
+    if n == 0 or n > chunk_size:
+        raise ValueError(f"a chunk holds 1..{chunk_size} inits, got {n}")
+    padded = np.concatenate([init_ids, np.full(chunk_size - n, init_ids[-1])]).astype(np.int32)
+    record = jax.device_get(chunk_fn(jnp.asarray(padded)))
+    return {k: np.asarray(v)[:n] for k, v in record._asdict().items()}
+
+
+def estimate_bytes_per_init(problem: Problem) -> int:
+    """Rough peak memory of one init in :func:`analyze_init`, dominated by the dense Hessian.
+
+    ``jax.hessian`` pushes P tangents through the forward and backward pass at once: about
+    P × n × (Σ widths + outputs) × 8 bytes × 4 live activations, plus the P×P Hessian and its
+    eigendecomposition workspace.
+    """
+    p = problem.n_params
+    n = problem.dataset.n_train
+    leaves = jax.eval_shape(problem.init_fn, jax.random.key(0))
+    width_sum = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(leaves) if l.ndim == 1)
+    width_sum = max(width_sum, p // max(n, 1), 16)
+    return int(8 * (4 * p * n * width_sum + 6 * p * p))
+
+
+def auto_chunk_size(problem: Problem, num_inits: int, memory_budget: float = 3e9) -> int:
+    """Largest chunk within ``memory_budget`` bytes, at most ``num_inits`` (and at least 1)."""
+    per_init = estimate_bytes_per_init(problem)
+    return int(max(1, min(num_inits, memory_budget // per_init)))

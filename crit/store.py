@@ -1,0 +1,236 @@
+"""The results directory: chunked, atomic, resumable. The only module of crit that writes files.
+
+Layout of an experiment's ``out_dir``::
+
+    config.json          every flag, the protocol fingerprint, package versions, devices
+    chunks/chunk_<first init>_<count>.npz   per-init arrays of one finished chunk
+    results.csv          one row per init (assembled from the chunks)
+    spectra.npz          raw eigenvalues, one row per init
+    curves.npz           training and finder curves, one row per init
+    *.png, *.pdf         figures
+
+Every file is written to a temporary name in the same directory and moved into place with
+``os.replace`` (atomic on POSIX), so a run killed at any moment leaves either a whole chunk or
+none. A rerun of the same command finds the finished chunks, computes only the missing inits and
+assembles the same outputs. Files are read with ``allow_pickle=False``; a chunk that cannot be
+read, or that repeats an init, is reported by name and never used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+CONFIG = "config.json"
+CHUNK_DIR = "chunks"
+CHUNK_RE = re.compile(r"^chunk_(\d{7})_(\d{6})\.npz$")
+# What crit itself writes; --overwrite removes these and nothing else.
+OWNED_NAMES = {CONFIG, CHUNK_DIR, "results.csv", "spectra.npz", "curves.npz"}
+OWNED_SUFFIXES = (".png", ".pdf")
+
+
+class ResultsDirError(ValueError):
+    """The output directory cannot be used as asked (the message says why and what to do)."""
+
+
+def _owned(name: str) -> bool:
+    return name in OWNED_NAMES or name.endswith(OWNED_SUFFIXES) or name.startswith(".tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez`` to memory, then :func:`atomic_write_bytes` (object arrays are refused)."""
+    for key, value in arrays.items():
+        if np.asarray(value).dtype == object:
+            raise TypeError(f"refusing to store object array {key!r} (it would need pickle)")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` without pickle; any failure is re-raised naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # damaged, truncated or foreign file
+        raise ResultsDirError(f"cannot read {path}: {exc}. Delete it to recompute it.") from exc
+
+
+def prepare_out_dir(out_dir: str | Path, config: Mapping, overwrite: bool = False) -> bool:
+    """Check ``out_dir`` before any compute and write ``config.json``; return True if resuming.
+
+    ``config["protocol"]`` is the fingerprint: everything that changes numbers. A directory that
+    already holds a run with the same fingerprint is resumed; a different one is refused unless
+    ``overwrite`` (which removes only files crit writes). Files crit did not write are never
+    removed: such a directory is refused.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ResultsDirError(f"--out_dir={out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsDirError(f"--out_dir={out} cannot be created: {exc.strerror}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ResultsDirError(f"--out_dir={out} is not writable")
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in entries if not _owned(n)]
+    if foreign:
+        raise ResultsDirError(f"--out_dir={out} holds files crit did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new "
+                              "directory")
+    resuming = False
+    if entries:
+        old = None
+        if (out / CONFIG).exists():
+            try:
+                old = json.loads((out / CONFIG).read_text())
+            except (OSError, ValueError) as exc:
+                if not overwrite:
+                    raise ResultsDirError(f"{out / CONFIG} is damaged ({exc}); pass --overwrite "
+                                          "to start over") from exc
+        same = old is not None and old.get("protocol") == json.loads(json.dumps(config["protocol"]))
+        if same and not overwrite:
+            resuming = True
+        elif not overwrite:
+            diff = _diff(old.get("protocol", {}) if old else {}, config["protocol"])
+            raise ResultsDirError(f"--out_dir={out} holds results of a different configuration "
+                                  f"({diff}); pass --overwrite to replace them or choose another "
+                                  "--out_dir")
+        else:
+            clear_owned(out)
+    (out / CHUNK_DIR).mkdir(exist_ok=True)
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2, sort_keys=True, default=str))
+    return resuming
+
+
+def _diff(old: Mapping, new: Mapping) -> str:
+    new = json.loads(json.dumps(new))
+    keys = sorted(set(old) | set(new))
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(changed[:4]) or "no config.json"
+
+
+def clear_owned(out: Path) -> None:
+    """Remove the files and chunk folder crit writes in ``out`` (nothing else)."""
+    for p in out.iterdir():
+        if not _owned(p.name):
+            continue
+        if p.is_dir():
+            for q in p.iterdir():
+                q.unlink()
+            p.rmdir()
+        else:
+            p.unlink()
+
+
+def chunk_path(out_dir: str | Path, first_id: int, count: int) -> Path:
+    return Path(out_dir) / CHUNK_DIR / f"chunk_{first_id:07d}_{count:06d}.npz"
+
+
+def write_chunk(out_dir: str | Path, records: Mapping[str, np.ndarray]) -> Path:
+    """Store one finished chunk (a dict of per-init arrays with an ``init_id`` column)."""
+    ids = np.asarray(records["init_id"])
+    path = chunk_path(out_dir, int(ids[0]), len(ids))
+    atomic_save_npz(path, records)
+    return path
+
+
+def load_chunks(out_dir: str | Path) -> dict[str, np.ndarray]:
+    """All finished chunks merged and sorted by ``init_id`` ({} if none).
+
+    Raises :class:`ResultsDirError` naming the file for a damaged chunk, a chunk whose contents do
+    not match its name, a foreign file in ``chunks/``, or an init stored twice.
+    """
+    folder = Path(out_dir) / CHUNK_DIR
+    if not folder.is_dir():
+        return {}
+    parts = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".tmp"):
+            continue  # an interrupted write: never finished, never used
+        match = CHUNK_RE.match(path.name)
+        if not match:
+            raise ResultsDirError(f"unexpected file {path} in the chunk folder; remove it")
+        data = load_npz(path)
+        ids = data.get("init_id")
+        if ids is None or len(ids) != int(match.group(2)) or int(ids[0]) != int(match.group(1)):
+            raise ResultsDirError(f"chunk {path} does not hold the inits its name says; "
+                                  "delete it to recompute it")
+        parts.append(data)
+    if not parts:
+        return {}
+    keys = set(parts[0])
+    for data, path in zip(parts, sorted(folder.glob("chunk_*.npz"))):
+        if set(data) != keys:
+            raise ResultsDirError(f"chunk {path} has fields {sorted(data)}, expected "
+                                  f"{sorted(keys)}; delete it to recompute it")
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    order = np.argsort(merged["init_id"], kind="stable")
+    merged = {k: v[order] for k, v in merged.items()}
+    ids = merged["init_id"]
+    if len(np.unique(ids)) != len(ids):
+        dup = ids[np.flatnonzero(np.diff(ids) == 0)[0]]
+        raise ResultsDirError(f"init {dup} is stored in two chunk files under {folder}")
+    return merged
+
+
+def missing_ids(done: Iterable[int], num_inits: int) -> np.ndarray:
+    """Init ids in ``range(num_inits)`` that no finished chunk holds, ascending."""
+    done_set = set(int(i) for i in done)
+    return np.array([i for i in range(num_inits) if i not in done_set], dtype=np.int64)
+
+
+def write_csv(path: str | Path, columns: Mapping[str, np.ndarray]) -> None:
+    """One row per entry of the equal-length arrays in ``columns``; floats at full precision."""
+    names = list(columns)
+    n = len(next(iter(columns.values())))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for i in range(n):
+        row = []
+        for name in names:
+            value = columns[name][i]
+            if isinstance(value, (float, np.floating)):
+                row.append(repr(float(value)))
+            else:
+                row.append(str(value.item() if hasattr(value, "item") else value))
+        writer.writerow(row)
+    atomic_write_text(Path(path), buffer.getvalue())
+
+
+def read_csv(path: str | Path) -> dict[str, list[str]]:
+    """Columns of a CSV written by :func:`write_csv`, as lists of strings."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    header, body = rows[0], rows[1:]
+    return {name: [r[j] for r in body] for j, name in enumerate(header)}

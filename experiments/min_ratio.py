@@ -1,0 +1,170 @@
+"""Minimum ratio vs loss at certified critical points (MLDS homework 1-2-3, done right).
+
+    python -m experiments.min_ratio                       # homework workload, 100 inits
+    python -m experiments.min_ratio --finder=gradnorm      # the homework's own finder
+    python -m experiments.min_ratio --dataset=gaussian --widths=4 --dim_in=4 --n_points=64 \
+        --l2=1e-3 --out_dir=runs/gaussian
+
+Protocol per init (crit/protocol.py): fold_in(seed, i) -> init -> optax training -> critical-point
+finder (float64) -> exact Hessian of the full-batch loss -> eigvalsh -> certificate and
+tolerance-aware classification. Inits run in vmapped chunks; each finished chunk is saved
+atomically, so rerunning an interrupted command resumes it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from crit import plots, store
+from crit.critical import STATUSES
+from crit.protocol import ProtocolConfig, auto_chunk_size, make_chunk_fn, run_chunk
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_inits", 100, "Number of random initializations.")
+flags.DEFINE_integer("seed", 0, "Root seed; init i uses fold_in(PRNGKey(seed), i).")
+flags.DEFINE_string("out_dir", "runs/min_ratio", "Results directory.")
+flags.DEFINE_integer("chunk_size", 0, "Inits per vmapped chunk (0: chosen from P and memory). "
+                     "Never changes results.")
+flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
+                  "--out_dir.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+CSV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n_neg", "n_null",
+               "min_ratio", "index", "null_fraction", "nonnull_ratio", "lambda_min",
+               "lambda_max", "tolerance", "finder_iterations", "flatness", "train_loss",
+               "train_grad_norm")
+
+
+def validate() -> None:
+    """Every flag checked before any compute; raises app.UsageError listing all problems."""
+    errors = common.problem_errors()
+    if FLAGS.num_inits < 1:
+        errors.append(f"--num_inits={FLAGS.num_inits}: must be >= 1")
+    if FLAGS.chunk_size < 0:
+        errors.append(f"--chunk_size={FLAGS.chunk_size}: must be >= 0 (0 = automatic)")
+    out = Path(FLAGS.out_dir)
+    if out.exists() and not out.is_dir():
+        errors.append(f"--out_dir={out}: is a file, not a directory")
+    if errors:
+        raise app.UsageError("\n".join(errors))
+
+
+def protocol_config() -> ProtocolConfig:
+    return ProtocolConfig(
+        seed=FLAGS.seed, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+        momentum=FLAGS.momentum, train_steps=FLAGS.train_steps, log_every=FLAGS.log_every,
+        train_dtype=FLAGS.train_dtype, finder=FLAGS.finder, finder_steps=common.finder_steps(),
+        finder_lr=FLAGS.finder_lr, grad_tol=FLAGS.grad_tol, flat_tol=FLAGS.flat_tol,
+        eig_tol=FLAGS.eig_tol)
+
+
+def run_config(cfg: ProtocolConfig, problem) -> dict:
+    """config.json: the protocol fingerprint (everything that changes numbers) and the rest."""
+    protocol = dict(cfg._asdict())
+    protocol.update(problem=problem.name, dataset=FLAGS.dataset, n_points=FLAGS.n_points,
+                    data_seed=FLAGS.data_seed, dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out,
+                    widths=FLAGS.widths, activation=FLAGS.activation, use_bias=FLAGS.use_bias,
+                    loss=problem.loss_name, l2=FLAGS.l2, num_inits=FLAGS.num_inits)
+    return {"experiment": "min_ratio", "protocol": protocol,
+            "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+            | {f.name: f.value for f in FLAGS.get_flags_for_module(common)},
+            "n_params": problem.n_params, "n_train": problem.dataset.n_train,
+            "phi": problem.phi, "environment": common.environment()}
+
+
+def assemble(out_dir: Path, records: dict, n_params: int, log_steps) -> None:
+    """results.csv, spectra.npz and curves.npz from the merged chunk records."""
+    status = np.array([STATUSES[s] for s in records["status"]])
+    columns = {c: records[c] for c in CSV_COLUMNS if c in records}
+    columns["status"] = status
+    columns["n_params"] = np.full(len(status), n_params)
+    store.write_csv(out_dir / "results.csv", {c: columns[c] for c in CSV_COLUMNS})
+    store.atomic_save_npz(out_dir / "spectra.npz", {
+        "init_id": records["init_id"], "eigenvalues": records["eigenvalues"],
+        "tolerance": records["tolerance"], "status": status.astype("U16")})
+    store.atomic_save_npz(out_dir / "curves.npz", {
+        "init_id": records["init_id"], "train_step": np.asarray(log_steps),
+        "train_loss": records["curve_loss"], "train_grad_norm": records["curve_grad_norm"],
+        "finder_grad_norm": records["finder_history"]})
+
+
+def summarize(records: dict) -> str:
+    """Counts per status, minimum-ratio quantiles and Spearman ρ(loss, ratio) of critical points."""
+    from scipy.stats import spearmanr
+
+    status = np.array([STATUSES[s] for s in records["status"]])
+    lines = [f"{len(status)} inits: " + ", ".join(f"{s} {int((status == s).sum())}"
+                                                  for s in STATUSES)]
+    for name, sel in (("critical", status == "critical"), ("all", np.ones(len(status), bool))):
+        r = records["min_ratio"][sel]
+        if r.size == 0:
+            lines.append(f"  {name}: none")
+            continue
+        q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1])
+        line = (f"  {name} (n={r.size}): min ratio quantiles 0/25/50/75/100% = "
+                + " / ".join(f"{v:.3f}" for v in q))
+        loss = records["loss"][sel]
+        ok = np.isfinite(loss)
+        if ok.sum() >= 3 and np.ptp(r[ok]) > 0:
+            rho = spearmanr(loss[ok], r[ok]).statistic
+            line += f"; Spearman rho(loss, ratio) = {rho:+.3f}"
+        lines.append(line)
+    lines.append(f"  gradient norm: median {np.median(records['grad_norm']):.2e}, "
+                 f"max {np.max(records['grad_norm']):.2e}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    validate()
+    problem = common.problem_from_flags()
+    cfg = protocol_config()
+    out_dir = Path(FLAGS.out_dir)
+    try:
+        resuming = store.prepare_out_dir(out_dir, run_config(cfg, problem), FLAGS.overwrite)
+        done = store.load_chunks(out_dir)
+    except store.ResultsDirError as exc:
+        raise app.UsageError(str(exc)) from None
+    todo = store.missing_ids(done.get("init_id", []), FLAGS.num_inits)
+    chunk = FLAGS.chunk_size or auto_chunk_size(problem, FLAGS.num_inits)
+    chunk = min(chunk, FLAGS.num_inits)
+    print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
+          f"points, phi = P/(n·k) = {problem.phi:.3f}; {FLAGS.num_inits} inits, chunk {chunk}, "
+          f"finder {cfg.finder}" + (f"; resuming, {len(todo)} inits left" if resuming else ""))
+    if len(todo):
+        chunk_fn = make_chunk_fn(problem, cfg)
+        progress = Progress(len(todo)) if FLAGS.progress else None
+        for start in range(0, len(todo), chunk):
+            ids = todo[start:start + chunk]
+            store.write_chunk(out_dir, run_chunk(chunk_fn, ids, chunk))
+            if progress:
+                progress.update(len(ids))
+    records = store.load_chunks(out_dir)
+    ids = records["init_id"]
+    if not np.array_equal(ids, np.arange(FLAGS.num_inits)):
+        raise RuntimeError(f"results for inits {sorted(set(range(FLAGS.num_inits)) - set(ids))} "
+                           "are missing after the run")
+    from crit.train import log_steps
+
+    assemble(out_dir, records, problem.n_params, log_steps(cfg.train_steps, cfg.log_every))
+    status = [STATUSES[s] for s in records["status"]]
+    tol = ("τ = P·ε·max|λ| per point" if cfg.eig_tol is None else f"τ = {cfg.eig_tol:g}")
+    plots.min_ratio_figure(
+        records["loss"], records["min_ratio"], status, out_dir,
+        title=f"{problem.name}, P = {problem.n_params}, {FLAGS.num_inits} inits, finder "
+              f"{cfg.finder}; critical iff ‖∇L‖ ≤ {cfg.grad_tol:g}",
+        tolerance_note=tol)
+    print(summarize(records))
+    print(f"wrote {out_dir}/results.csv, spectra.npz, curves.npz, min_ratio.png/.pdf")
+
+
+Progress = common.Progress
+
+if __name__ == "__main__":
+    app.run(main)
