@@ -1,0 +1,64 @@
+"""The per-init protocol: vmap == loop, chunk-size invariance, determinism, float32 training."""
+
+import jax
+import numpy as np
+import pytest
+
+import crit  # noqa: F401
+from crit.problems import mlp_problem
+from crit.protocol import ProtocolConfig, analyze_init, make_chunk_fn, run_chunk
+
+PROBLEM = mlp_problem("sinc", widths=(3,), n_points=16)
+CFG = ProtocolConfig(train_steps=60, log_every=20, finder_steps=4)
+FIELDS = ("status", "loss", "grad_norm", "min_ratio", "n_pos", "n_neg", "eigenvalues",
+          "curve_loss", "finder_history")
+
+
+@pytest.fixture(scope="module")
+def chunk3():
+    return run_chunk(make_chunk_fn(PROBLEM, CFG), np.arange(3), 3)
+
+
+def _close(a, b):
+    np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-9, atol=1e-13,
+                               equal_nan=True)
+
+
+def test_vmap_equals_python_loop(chunk3):
+    one = jax.jit(lambda i: analyze_init(PROBLEM, CFG, i))
+    for i in range(3):
+        rec = one(i)
+        for f in FIELDS:
+            _close(chunk3[f][i], getattr(rec, f))
+
+
+def test_chunk_size_and_padding_do_not_change_results(chunk3):
+    fn2 = make_chunk_fn(PROBLEM, CFG)
+    a = run_chunk(fn2, np.arange(2), 2)
+    b = run_chunk(fn2, np.arange(2, 3), 2)  # padded to 2; padding dropped
+    assert len(b["init_id"]) == 1 and int(b["init_id"][0]) == 2
+    for f in FIELDS:
+        _close(np.concatenate([a[f], b[f]]), chunk3[f])
+
+
+def test_same_seed_same_result_other_seed_other_result(chunk3):
+    again = run_chunk(make_chunk_fn(PROBLEM, CFG), np.arange(3), 3)
+    for f in FIELDS:
+        np.testing.assert_array_equal(again[f], chunk3[f])
+    other = run_chunk(make_chunk_fn(PROBLEM, CFG._replace(seed=1)), np.arange(3), 3)
+    assert not np.allclose(other["loss"], chunk3["loss"])
+
+
+def test_record_shapes_and_float32_training(chunk3):
+    assert chunk3["eigenvalues"].shape == (3, PROBLEM.n_params)
+    assert np.all(np.diff(chunk3["eigenvalues"], axis=1) >= 0)  # ascending
+    assert chunk3["curve_loss"].shape == (3, 60 // 20 + 1)
+    n = chunk3["n_pos"] + chunk3["n_neg"] + chunk3["n_null"]
+    np.testing.assert_array_equal(n, PROBLEM.n_params)
+    rec = run_chunk(make_chunk_fn(PROBLEM, CFG._replace(train_dtype="float32")), np.arange(2), 2)
+    assert rec["eigenvalues"].dtype == np.float64 and np.all(np.isfinite(rec["eigenvalues"]))
+
+
+def test_chunk_bounds_are_checked():
+    with pytest.raises(ValueError, match="chunk holds"):
+        run_chunk(None, np.arange(4), 3)
