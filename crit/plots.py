@@ -71,46 +71,94 @@ def min_ratio_figure(loss: np.ndarray, min_ratio: np.ndarray, status: Sequence[s
     return save_figure(fig, out_dir, stem)
 
 
-def toy_surface_figure(w1, w2, loss_grid, path_w1, path_w2, escape_dir, out_dir,
+def toy_surface_figure(w1, w2, loss_grid, path, escape_dir, out_dir,
                        stem="toy_saddle_surface") -> list[Path]:
-    """Contours of L(w1, w2) with the saddle, the valley of minima w1·w2 = 1, a GD path and the
-    escape direction."""
-    fig, ax = plt.subplots(figsize=(5.6, 5.0))
-    levels = np.quantile(loss_grid, np.linspace(0, 1, 30) ** 2)
-    cs = ax.contourf(w1, w2, loss_grid, levels=np.unique(levels), cmap="viridis")
-    fig.colorbar(cs, ax=ax, label="L = (1 − w1·w2)²")
-    t = np.linspace(0.5, 2.0, 100)
-    for sgn in (1, -1):
-        ax.plot(sgn * t, sgn / t, "w--", lw=1.2, label="minima w1·w2 = 1" if sgn == 1 else None)
-    ax.plot([0], [0], "r*", ms=14, label="saddle (0, 0)")
-    ax.arrow(0, 0, 0.8 * escape_dir[0], 0.8 * escape_dir[1], color="r", width=0.02,
-             length_includes_head=True, label="escape direction (1,1)/√2")
-    ax.plot(path_w1, path_w2, "-", color="orange", lw=1.5, label="gradient descent")
-    ax.plot(path_w1[0], path_w2[0], "o", color="orange")
+    """Filled contours of the toy loss L(w1, w2) = (1 − w1·w2)² on a grid.
+
+    Marks the saddle at the origin, the valley of minima w1·w2 = 1 (both branches), the level
+    set L = 1 of the saddle (the axes and w1·w2 = 2), the escape direction ``escape_dir`` (the
+    eigenvector of λ = −2) and the gradient-descent ``path`` (shape (T+1, 2), start and end
+    marked; parts outside the grid are clipped).
+    """
+    from matplotlib.colors import BoundaryNorm
+    from matplotlib.lines import Line2D  # legend proxies for the annotations
+
+    path = np.asarray(path, dtype=float)
+    extent = float(max(np.abs(w1).max(), np.abs(w2).max()))
+    fig, ax = plt.subplots(figsize=(5.8, 5.0))
+    # Geometric bands (plus one band down to 0) so the valley and the saddle both show detail.
+    top = float(np.nanmax(loss_grid))
+    levels = np.unique(np.concatenate([[0.0], np.geomspace(1e-3, max(top, 2e-3), 24)]))
+    cs = ax.contourf(w1, w2, loss_grid, levels=levels, cmap="viridis",
+                     norm=BoundaryNorm(levels, 256), extend="max")
+    fig.colorbar(cs, ax=ax, label="L = (1 − w1·w2)²", format="%.3g")
+    ax.contour(w1, w2, loss_grid, levels=[1.0], colors="w", linewidths=0.6, alpha=0.6)
+    handles = [Line2D([], [], color="w", lw=0.6, label="L = 1 (saddle level)")]
+    if extent > 1.0:
+        t = np.geomspace(1.0 / extent, extent, 200)
+        for sgn in (1, -1):
+            ax.plot(sgn * t, sgn / t, "--", color="tab:red", lw=1.6)
+        handles.append(Line2D([], [], color="tab:red", ls="--", lw=1.6,
+                              label="minima w1·w2 = 1"))
+    u = 0.45 * extent * np.asarray(escape_dir, dtype=float)
+    for sgn in (1, -1):  # ±u: both ways down from the saddle; drawn above the path
+        ax.annotate("", xy=(sgn * u[0], sgn * u[1]), xytext=(0, 0), zorder=6,
+                    arrowprops=dict(arrowstyle="-|>", color="w", lw=1.6, mutation_scale=14))
+    handles.append(Line2D([], [], color="w", lw=1.6, marker=">",
+                          label="escape directions ±(1, 1)/√2, λ = −2"))
+    ax.plot(path[:, 0], path[:, 1], "-", color="orange", lw=1.6, zorder=3)
+    ax.plot(*path[0], "o", color="orange", ms=5, mec="k", mew=0.5, zorder=4)
+    ax.plot(*path[-1], "s", color="orange", ms=6, mec="k", mew=0.5, zorder=4)
+    handles.append(Line2D([], [], color="orange", lw=1.6, marker="o", mec="k", mew=0.5,
+                          label=f"gradient descent ({len(path) - 1} steps; ■ end)"))
+    ax.plot([0], [0], "*", color="tab:red", ms=15, mec="w", mew=0.8, zorder=5)
+    handles.append(Line2D([], [], color="tab:red", marker="*", ls="", ms=12, mec="w",
+                          label="saddle (0, 0)"))
     ax.set_xlim(w1.min(), w1.max())
     ax.set_ylim(w2.min(), w2.max())
     ax.set_xlabel("w1")
     ax.set_ylabel("w2")
     ax.set_aspect("equal")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("y = w1·w2·x, one pair (1, 1)", fontsize=10)
+    ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.85)
+    ax.set_title("error surface of y = w1·w2·x on the pair (1, 1)", fontsize=10)
     return save_figure(fig, out_dir, stem)
 
 
-def toy_escape_figure(t, loss_along, quadratic, loss_path, out_dir,
+def toy_escape_figure(t, loss_along, quadratic, loss_path, out_dir, lam=-2.0, lr=None,
                       stem="toy_saddle_escape") -> list[Path]:
-    """Left: L along the escape direction with ½λt²; right: the GD loss curve from near the saddle."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.6, 3.8))
-    a.plot(t, loss_along, label="L(θ' + t·u)")
-    a.plot(t, quadratic, "--", label="L(θ') + ½λt², λ = −2")
-    a.set_xlabel("t")
+    """Left: L(t·u) along the escape eigenvector u with its quadratic model L(0) + ½λt²;
+    right: the gradient-descent loss per step from the start near the saddle (log scale)."""
+    t = np.asarray(t, dtype=float)
+    loss_path = np.asarray(loss_path, dtype=float)
+    from matplotlib.ticker import FuncFormatter
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.4, 3.9), gridspec_kw=dict(wspace=0.28))
+    a.plot(t, loss_along, lw=1.8, label="L(t·u) = (1 − t²/2)²")
+    a.plot(t, quadratic, "--", lw=1.4, label=f"L(0) + ½λt², λ = {lam:g}".replace("-", "−"))
+    valley = np.sqrt(2.0)
+    if t.min() <= valley <= t.max():
+        a.axvline(valley, color="gray", ls=":", lw=1)
+        a.axvline(-valley, color="gray", ls=":", lw=1)
+        a.text(valley, 0.97, "t = √2: w1·w2 = 1 ", transform=a.get_xaxis_transform(),
+               fontsize=7, va="top", ha="right", color="gray")
+    finite = loss_along[np.isfinite(loss_along)]
+    if finite.size:
+        a.set_ylim(-0.25 * max(finite.max(), 1.0), 1.1 * max(finite.max(), 1.0))
+    a.set_xlabel("t  (distance from the saddle along u)")
     a.set_ylabel("loss")
-    a.legend(fontsize=8)
-    a.set_title("along the eigenvector of λ = −2", fontsize=10)
-    b.semilogy(np.maximum(loss_path, 1e-300))
+    a.legend(fontsize=8, loc="lower center")
+    a.set_title("along the eigenvector u = (1, 1)/√2 of λ = −2", fontsize=10)
+    steps = np.arange(len(loss_path))
+    ok = np.isfinite(loss_path)
+    b.semilogy(steps[ok], np.maximum(loss_path[ok], 1e-300))
+    b.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))  # no mathtext: fast
     b.set_xlabel("gradient-descent step")
     b.set_ylabel("loss")
-    b.set_title("escape from a start near the saddle", fontsize=10)
+    b.set_title("escape from a start near the saddle"
+                + (f" (lr = {lr:g})" if lr is not None else ""), fontsize=10)
+    if not ok.all():
+        b.text(0.5, 0.5, f"diverged: {int((~ok).sum())} non-finite steps not drawn",
+               transform=b.transAxes, ha="center", color="tab:red")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return save_figure(fig, out_dir, stem)
