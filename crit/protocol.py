@@ -112,9 +112,18 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id) -> InitRecord:
         finder_history=found.history)
 
 
-def make_chunk_fn(problem: Problem, cfg: ProtocolConfig):
-    """``ids (c,) -> InitRecord`` with a leading chunk axis: ``jit(vmap(analyze_init))``."""
-    return jax.jit(jax.vmap(lambda i: analyze_init(problem, cfg, i)))
+def make_chunk_fn(problem: Problem, cfg: ProtocolConfig, mesh=None):
+    """``ids (c,) -> InitRecord`` with a leading chunk axis: ``jit(vmap(analyze_init))``.
+
+    With a ``mesh`` (see :mod:`crit.parallel`) the chunk is split over its devices; the chunk size
+    must then be a multiple of the mesh size.
+    """
+    fn = jax.vmap(lambda i: analyze_init(problem, cfg, i))
+    if mesh is not None and mesh.size > 1:
+        from crit.parallel import shard_inits
+
+        return shard_inits(fn, mesh)
+    return jax.jit(fn)
 
 
 def run_chunk(chunk_fn, init_ids: np.ndarray, chunk_size: int) -> dict[str, np.ndarray]:
@@ -146,7 +155,17 @@ def estimate_bytes_per_init(problem: Problem) -> int:
     return int(8 * (4 * p * n * width_sum + 6 * p * p))
 
 
-def auto_chunk_size(problem: Problem, num_inits: int, memory_budget: float = 3e9) -> int:
-    """Largest chunk within ``memory_budget`` bytes, at most ``num_inits`` (and at least 1)."""
+def auto_chunk_size(problem: Problem, num_inits: int, memory_budget: float | None = None,
+                    max_chunk: int = 256) -> int:
+    """Largest chunk within ``memory_budget`` bytes (default: a quarter of the memory free on the
+    first local device, at most 4 GiB), capped by ``num_inits`` and ``max_chunk``, at least 1.
+
+    Beyond a few dozen inits per device a bigger chunk buys no speed on CPU and delays the first
+    saved results, hence the cap.
+    """
+    if memory_budget is None:
+        from crit.parallel import available_memory_bytes
+
+        memory_budget = min(available_memory_bytes() / 4, 4 * 2**30)
     per_init = estimate_bytes_per_init(problem)
-    return int(max(1, min(num_inits, memory_budget // per_init)))
+    return int(max(1, min(num_inits, max_chunk, memory_budget // per_init)))

@@ -42,7 +42,7 @@ CSV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
-    errors = common.problem_errors()
+    errors = common.problem_errors() + common.cluster_errors()
     if FLAGS.num_inits < 1:
         errors.append(f"--num_inits={FLAGS.num_inits}: must be >= 1")
     if FLAGS.chunk_size < 0:
@@ -119,37 +119,96 @@ def summarize(records: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_chunks(problem, todo: np.ndarray, mesh) -> tuple[int, list[np.ndarray]]:
+    """Chunk size (a multiple of the device count) and this process's chunks of ``todo``.
+
+    A chunk the memory estimate says cannot fit is refused here, before any compute.
+    """
+    import jax
+    from crit.parallel import available_memory_bytes, process_chunks, round_to_devices
+    from crit.protocol import estimate_bytes_per_init
+
+    n_dev = mesh.size
+    if FLAGS.chunk_size:
+        chunk = FLAGS.chunk_size
+        need = chunk * estimate_bytes_per_init(problem) / n_dev
+        free = available_memory_bytes()
+        if need > free:
+            raise app.UsageError(
+                f"--chunk_size={chunk}: about {need / 2**30:.1f} GiB per device is needed but "
+                f"{free / 2**30:.1f} GiB is free; lower --chunk_size (or 0 for automatic)")
+    else:
+        chunk = auto_chunk_size(problem, FLAGS.num_inits) * n_dev
+    chunk = round_to_devices(min(chunk, max(FLAGS.num_inits, 1)), n_dev)
+    return chunk, process_chunks(todo, chunk, jax.process_index(), jax.process_count())
+
+
+def compute(problem, cfg, out_dir: Path, todo: np.ndarray) -> None:
+    """Run this process's chunks of ``todo``, saving each as soon as it is done."""
+    import jax
+    from crit.parallel import local_mesh
+
+    mesh = local_mesh()
+    chunk, mine = plan_chunks(problem, todo, mesh)
+    print(f"process {jax.process_index()}/{jax.process_count()}: {sum(map(len, mine))} inits "
+          f"in {len(mine)} chunks of {chunk} over {mesh.size} device(s)", flush=True)
+    if not mine:
+        return
+    chunk_fn = make_chunk_fn(problem, cfg, mesh)
+    progress = common.Progress(sum(map(len, mine))) if FLAGS.progress else None
+    for ids in mine:
+        try:
+            records = run_chunk(chunk_fn, ids, chunk)
+        except Exception as exc:  # XLA reports out-of-memory as a runtime error
+            if "RESOURCE_EXHAUSTED" in str(exc) or "Out of memory" in str(exc):
+                raise app.UsageError(f"a chunk of {chunk} inits ran out of memory; lower "
+                                     f"--chunk_size (now {FLAGS.chunk_size or 'automatic'})"
+                                     ) from None
+            raise
+        store.write_chunk(out_dir, records)
+        if progress:
+            progress.update(len(ids))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     validate()
+    common.start_cluster()
+    import jax
+
     problem = common.problem_from_flags()
     cfg = protocol_config()
     out_dir = Path(FLAGS.out_dir)
+    lead = jax.process_index() == 0
     try:
-        resuming = store.prepare_out_dir(out_dir, run_config(cfg, problem), FLAGS.overwrite)
+        if lead:
+            resuming = store.prepare_out_dir(out_dir, run_config(cfg, problem), FLAGS.overwrite)
+        else:  # the lead writes config.json; the others wait for it and check it
+            from crit.parallel import wait_for
+            wait_for(lambda: (out_dir / store.CONFIG).exists(), 600, 0.2)
+            resuming = True
         done = store.load_chunks(out_dir)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     todo = store.missing_ids(done.get("init_id", []), FLAGS.num_inits)
-    chunk = FLAGS.chunk_size or auto_chunk_size(problem, FLAGS.num_inits)
-    chunk = min(chunk, FLAGS.num_inits)
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
-          f"points, phi = P/(n·k) = {problem.phi:.3f}; {FLAGS.num_inits} inits, chunk {chunk}, "
-          f"finder {cfg.finder}" + (f"; resuming, {len(todo)} inits left" if resuming else ""))
-    if len(todo):
-        chunk_fn = make_chunk_fn(problem, cfg)
-        progress = Progress(len(todo)) if FLAGS.progress else None
-        for start in range(0, len(todo), chunk):
-            ids = todo[start:start + chunk]
-            store.write_chunk(out_dir, run_chunk(chunk_fn, ids, chunk))
-            if progress:
-                progress.update(len(ids))
+          f"points, phi = P/(n·k) = {problem.phi:.3f}; {FLAGS.num_inits} inits, finder "
+          f"{cfg.finder}" + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""),
+          flush=True)
+    compute(problem, cfg, out_dir, todo)
+    if not lead:
+        return
+    from crit.parallel import all_chunks_present, wait_for
+
+    if not wait_for(lambda: all_chunks_present(out_dir, FLAGS.num_inits), FLAGS.assemble_timeout):
+        raise RuntimeError(f"chunks of other processes are still missing in {out_dir}/chunks "
+                           "after --assemble_timeout; rerun the same command to finish")
     records = store.load_chunks(out_dir)
     ids = records["init_id"]
     if not np.array_equal(ids, np.arange(FLAGS.num_inits)):
-        raise RuntimeError(f"results for inits {sorted(set(range(FLAGS.num_inits)) - set(ids))} "
-                           "are missing after the run")
+        missing = sorted(set(range(FLAGS.num_inits)) - set(ids.tolist()))
+        raise RuntimeError(f"results for inits {missing[:10]} are missing; rerun to compute them")
     from crit.train import log_steps
 
     assemble(out_dir, records, problem.n_params, log_steps(cfg.train_steps, cfg.log_every))
@@ -164,7 +223,6 @@ def main(argv):
     print(f"wrote {out_dir}/results.csv, spectra.npz, curves.npz, min_ratio.png/.pdf")
 
 
-Progress = common.Progress
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,0 +1,124 @@
+"""Spreading the init axis over devices and hosts.
+
+Inits are independent, so crit needs no communication between them. The layout:
+
+* **Devices of one process**: a chunk of inits is one array with a leading init axis, sharded
+  over a 1-D :class:`jax.sharding.Mesh` of the process's local devices (axis name ``"inits"``);
+  ``jit`` with those shardings lets XLA run each device's slice of the ``vmap`` on that device.
+  The chunk size is rounded up to a multiple of the device count.
+* **Processes (hosts)**: after ``jax.distributed.initialize()`` (JAX's multi-controller runtime on
+  TPU pods and SLURM GPU clusters), process ``p`` of ``q`` takes chunks ``p, p + q, p + 2q, ...``
+  of the remaining inits and writes its own chunk files into the shared results directory;
+  process 0 assembles the outputs once every chunk is on disk.
+
+Init ``i`` always uses key ``fold_in(PRNGKey(seed), i)`` and the same program, so its numbers do
+not depend on chunk size, device count or process count (up to the summation order inside XLA's
+batched kernels: tests compare to 1e-9 relative).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+INIT_AXIS = "inits"
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None, auto: bool = False) -> None:
+    """Start JAX's multi-controller runtime when asked.
+
+    ``coordinator_address`` (host:port of process 0) with ``num_processes`` and ``process_id``
+    starts it by hand (any cluster, or several processes on one machine); ``auto=True`` calls
+    ``jax.distributed.initialize()`` with no arguments, which reads the cluster's environment
+    (TPU pod metadata, SLURM variables). Neither: a single process, nothing to do.
+    """
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
+def local_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over this process's devices with the axis name ``"inits"``."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    return Mesh(np.array(devices), (INIT_AXIS,))
+
+
+def round_to_devices(chunk_size: int, n_devices: int) -> int:
+    """The smallest multiple of ``n_devices`` that is at least ``chunk_size``."""
+    return int(-(-chunk_size // n_devices) * n_devices)
+
+
+def shard_inits(fn: Callable, mesh: Mesh) -> Callable:
+    """``jit(fn)`` with the leading (init) axis of its input and outputs split over ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec(INIT_AXIS))
+    return jax.jit(fn, in_shardings=sharding, out_shardings=sharding)
+
+
+def process_chunks(todo: np.ndarray, chunk_size: int, process_index: int = 0,
+                   process_count: int = 1) -> list[np.ndarray]:
+    """The chunks of ``todo`` (ascending init ids) that process ``process_index`` computes."""
+    chunks = [todo[s:s + chunk_size] for s in range(0, len(todo), chunk_size)]
+    return chunks[process_index::process_count]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout_s`` passes; return its last value."""
+    deadline = time.time() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.time() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def available_memory_bytes(device: jax.Device | None = None) -> int:
+    """Memory a chunk may use on ``device``: the accelerator's limit, or the host's free RAM.
+
+    On GPU/TPU this is ``bytes_limit − bytes_in_use`` from ``memory_stats()``; on CPU it is
+    ``MemAvailable`` from /proc/meminfo (or, failing that, physical memory / 2).
+    """
+    device = device or jax.local_devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU devices may not implement it
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 4 * 2**30
+
+
+def all_chunks_present(out_dir: str | Path, num_inits: int) -> bool:
+    """True when the chunk files in ``out_dir`` cover inits 0..num_inits−1 (names only)."""
+    from crit.store import CHUNK_DIR, CHUNK_RE
+
+    covered = 0
+    folder = Path(out_dir) / CHUNK_DIR
+    if not folder.is_dir():
+        return False
+    for p in folder.iterdir():
+        m = CHUNK_RE.match(p.name)
+        if m:
+            covered += int(m.group(2))
+    return covered >= num_inits
