@@ -67,3 +67,52 @@ def grad_norm(loss_fn: Callable[[Params], jax.Array], params: Params) -> jax.Arr
     """‖∇L(θ)‖₂ = sqrt(Σ_leaves ‖∂L/∂p‖²): the full-batch gradient norm, the criticality test."""
     g = jax.grad(loss_fn)(params)
     return jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(g)))
+
+
+def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n) in batches of ``batch_size`` (the last may be short)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def full_batch_hvp_operator(batch_loss_fn: Callable, params: Params, x, y,
+                            batch_size: int | None = None):
+    """Flat matvec v ↦ H v of the full-data loss L = (1/N) Σ_i ℓ_i, summed over data batches.
+
+    ``batch_loss_fn(params, xb, yb)`` is the *mean* loss over a batch (plus any penalty that does
+    not depend on the data). Each batch's HVP is weighted by n_b / N, so the result is the exact
+    full-data HVP whatever the batch sizes (not an equal-weight average of batch HVPs, which is
+    wrong when the last batch is short). Penalty terms enter with total weight Σ n_b/N = 1.
+    Full batches run in one ``lax.map``; a short last batch is one extra call.
+
+    Returns ``(grad_flat, matvec)``: the full-data gradient and the HVP operator on flat vectors.
+    """
+    theta, unravel = ravel_pytree(params)
+    n = x.shape[0]
+    batch_size = n if batch_size is None else min(batch_size, n)
+    n_full = n // batch_size
+    xs = x[: n_full * batch_size].reshape(n_full, batch_size, *x.shape[1:])
+    ys = y[: n_full * batch_size].reshape(n_full, batch_size, *y.shape[1:])
+    x_tail, y_tail = x[n_full * batch_size:], y[n_full * batch_size:]
+
+    def batch_grad(t, xb, yb):
+        return jax.grad(lambda u: batch_loss_fn(unravel(u), xb, yb))(t)
+
+    def grad_and_hvp(t, v):
+        def one(args):
+            xb, yb = args
+            g, hv = jax.jvp(lambda u: batch_grad(u, xb, yb), (t,), (v,))
+            return g, hv
+
+        g, hv = jax.lax.map(one, (xs, ys))
+        g = jnp.sum(g, axis=0) * (batch_size / n)
+        hv = jnp.sum(hv, axis=0) * (batch_size / n)
+        if x_tail.shape[0]:
+            gt, hvt = one((x_tail, y_tail))
+            w = x_tail.shape[0] / n
+            g, hv = g + w * gt, hv + w * hvt
+        return g, hv
+
+    grad_flat = grad_and_hvp(theta, jnp.zeros_like(theta))[0]
+    return grad_flat, lambda v: grad_and_hvp(theta, v)[1]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import crit  # noqa: F401
-from crit.hessian import dense_hessian, flat_loss, grad_norm, hvp, hvp_operator
+from crit.hessian import (dense_hessian, flat_loss, full_batch_hvp_operator, grad_norm, hvp,
+                          hvp_operator)
 from crit.problems import mlp_problem
 
 
@@ -68,3 +69,16 @@ def test_l2_adds_identity():
     params = base.init_fn(jax.random.PRNGKey(3))
     diff = dense_hessian(reg.loss_fn, params) - dense_hessian(base.loss_fn, params)
     np.testing.assert_allclose(diff, 0.3 * np.eye(base.n_params), atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 20, 64])
+def test_batched_hvp_equals_full_batch(batch_size):
+    """Σ_b (n_b/N)·HVP_b is the full-data HVP, also with a short last batch and an L2 term."""
+    problem = mlp_problem("gaussian", widths=(4,), n_points=20, dim_in=3, l2=0.05)
+    params = problem.init_fn(jax.random.PRNGKey(2))
+    x, y = jnp.asarray(problem.dataset.x_train), jnp.asarray(problem.dataset.y_train)
+    g_ref, mv_ref = hvp_operator(problem.loss_fn, params)
+    g, mv = full_batch_hvp_operator(problem.batch_loss_fn, params, x, y, batch_size)
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(problem.n_params))
+    np.testing.assert_allclose(g, g_ref, atol=1e-14)
+    np.testing.assert_allclose(mv(v), mv_ref(v), atol=1e-13)
