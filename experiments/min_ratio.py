@@ -22,6 +22,7 @@ from absl import app, flags
 from experiments import common
 from crit import plots, store
 from crit.critical import STATUSES
+from crit.spectrum import classify_spectrum
 from crit.protocol import ProtocolConfig, auto_chunk_size, make_chunk_fn, run_chunk
 
 FLAGS = flags.FLAGS
@@ -116,6 +117,10 @@ def summarize(records: dict) -> str:
         lines.append(line)
     lines.append(f"  gradient norm: median {np.median(records['grad_norm']):.2e}, "
                  f"max {np.max(records['grad_norm']):.2e}")
+    lines.append("  tolerance sensitivity (median min ratio / null fraction, all inits): " + ", ".join(
+        f"τ×{m:g}: {np.median(s.min_ratio):.3f} / {np.median(s.null_fraction):.3f}"
+        for m, s in ((m, classify_spectrum(records["eigenvalues"], records["tolerance"] * m))
+                     for m in (1, 1e3, 1e6))))
     return "\n".join(lines)
 
 
