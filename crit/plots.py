@@ -41,11 +41,12 @@ def wants_log_axis(values: np.ndarray) -> bool:
 
 def min_ratio_figure(loss: np.ndarray, min_ratio: np.ndarray, status: Sequence[str],
                      out_dir: str | Path, title: str = "", tolerance_note: str = "",
-                     stem: str = "min_ratio") -> list[Path]:
+                     stem: str = "min_ratio", ratio_lo=None, ratio_hi=None) -> list[Path]:
     """Minimum ratio (#λ>τ / P) against the loss, one marker and colour per status.
 
     Every run is drawn; the legend counts each status, so nothing is hidden. Non-finite losses
-    (diverged runs) are listed in the legend but cannot be placed on the axes.
+    (diverged runs) are listed in the legend but cannot be placed on the axes. With
+    ``ratio_lo``/``ratio_hi`` (SLQ intervals) each point gets a vertical error bar.
     """
     loss = np.asarray(loss, dtype=float)
     min_ratio = np.asarray(min_ratio, dtype=float)
@@ -61,6 +62,11 @@ def min_ratio_figure(loss: np.ndarray, min_ratio: np.ndarray, status: Sequence[s
             label += f", {int(sel.sum() - finite.sum())} off-axis"
         ax.scatter(loss[finite], min_ratio[finite], s=22, alpha=0.8, label=label,
                    **STATUS_STYLE[name])
+        if ratio_lo is not None and ratio_hi is not None:
+            lo, hi = np.asarray(ratio_lo)[finite], np.asarray(ratio_hi)[finite]
+            ax.errorbar(loss[finite], min_ratio[finite],
+                        yerr=[min_ratio[finite] - lo, hi - min_ratio[finite]], fmt="none",
+                        ecolor=STATUS_STYLE[name]["color"], alpha=0.5, lw=0.8)
     if wants_log_axis(loss):
         ax.set_xscale("log")
     ax.set_xlabel("training loss at the point")

@@ -43,6 +43,11 @@ class ProtocolConfig(NamedTuple):
     grad_tol: float = 1e-8
     flat_tol: float = 1e-3
     eig_tol: float | None = None
+    hessian: str = "dense"          # "dense" (jax.hessian + eigvalsh) or "lanczos" (HVPs only)
+    lanczos_steps: int = 90
+    slq_probes: int = 8
+    minres_iters: int = 50
+    hvp_batch_size: int = 0         # 0: the whole data set in one HVP
 
 
 class InitRecord(NamedTuple):
@@ -72,6 +77,49 @@ class InitRecord(NamedTuple):
     finder_history: jax.Array      # ‖g‖ per finder iteration (NaN after it stopped)
 
 
+class KrylovInitRecord(NamedTuple):
+    """Per-init result when the spectrum comes from HVPs + Lanczos/SLQ (large P).
+
+    Fractions are SLQ estimates with intervals [lo, hi] (crit.krylov); n_pos/n_neg/n_null are
+    the estimated counts round(fraction · P). No full eigenvalue list exists: spectra.npz keeps
+    the SLQ nodes and weights and the extremal Ritz values instead.
+    """
+
+    init_id: jax.Array
+    status: jax.Array
+    loss: jax.Array
+    grad_norm: jax.Array
+    flatness: jax.Array
+    train_loss: jax.Array
+    train_grad_norm: jax.Array
+    finder_iterations: jax.Array
+    n_pos: jax.Array
+    n_neg: jax.Array
+    n_null: jax.Array
+    min_ratio: jax.Array
+    min_ratio_lo: jax.Array
+    min_ratio_hi: jax.Array
+    index: jax.Array
+    index_lo: jax.Array
+    index_hi: jax.Array
+    null_fraction: jax.Array
+    null_fraction_lo: jax.Array
+    null_fraction_hi: jax.Array
+    lambda_min: jax.Array
+    lambda_max: jax.Array
+    lambda_min_converged: jax.Array
+    lambda_max_converged: jax.Array
+    tolerance: jax.Array
+    num_matvecs: jax.Array
+    ritz_largest: jax.Array
+    ritz_smallest: jax.Array
+    slq_nodes: jax.Array
+    slq_weights: jax.Array
+    curve_loss: jax.Array
+    curve_grad_norm: jax.Array
+    finder_history: jax.Array
+
+
 def init_key(seed: int, init_id) -> jax.Array:
     """The key of init ``init_id``: fold_in(PRNGKey(seed), init_id), independent of chunking."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), init_id)
@@ -83,14 +131,27 @@ def finder_kwargs(cfg: ProtocolConfig) -> dict:
     return dict(num_steps=cfg.finder_steps, learning_rate=cfg.finder_lr)
 
 
-def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id) -> InitRecord:
-    """Run the whole protocol (module docstring) for one init id; vmap-able over ``init_id``."""
+def train_init(problem: Problem, cfg: ProtocolConfig, init_id):
+    """Steps 1-2 of the protocol: the trained float64 parameters and the training log."""
     params = problem.init_fn(init_key(cfg.seed, init_id))
     train_dtype = jnp.float32 if cfg.train_dtype == "float32" else jnp.float64
     optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.momentum)
     params, log = train(problem.loss_fn, optimizer, cast_params(params, train_dtype),
                         cfg.train_steps, cfg.log_every)
-    params = cast_params(params, jnp.float64)
+    return cast_params(params, jnp.float64), log
+
+
+def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
+    """Run the whole protocol (module docstring) for one init id; vmap-able over ``init_id``.
+
+    Returns an :class:`InitRecord` (``cfg.hessian == "dense"``) or a :class:`KrylovInitRecord`
+    (``"lanczos"``).
+    """
+    if cfg.hessian == "lanczos":
+        return analyze_init_krylov(problem, cfg, init_id)
+    if cfg.hessian != "dense":
+        raise ValueError(f"unknown hessian mode {cfg.hessian!r}; allowed: dense, lanczos")
+    params, log = train_init(problem, cfg, init_id)
     found = find_critical_point(problem.loss_fn, params, cfg.finder, cfg.grad_tol,
                                 **finder_kwargs(cfg))
     eigenvalues = jnp.linalg.eigvalsh(dense_hessian(problem.loss_fn, found.params))
@@ -110,6 +171,67 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id) -> InitRecord:
         curve_loss=log.loss.astype(jnp.float64),
         curve_grad_norm=log.grad_norm.astype(jnp.float64),
         finder_history=found.history)
+
+
+def _hvp_batch(problem: Problem, cfg: ProtocolConfig):
+    if not cfg.hvp_batch_size:
+        return None
+    from crit.newton_mr import BatchedLoss
+
+    return BatchedLoss(problem.batch_loss_fn, jnp.asarray(problem.dataset.x_train),
+                       jnp.asarray(problem.dataset.y_train), cfg.hvp_batch_size)
+
+
+def hessian_operator(problem: Problem, cfg: ProtocolConfig, params):
+    """(grad_flat, matvec) of the full-data Hessian at ``params``, batched if asked."""
+    from crit.hessian import full_batch_hvp_operator, hvp_operator
+
+    if cfg.hvp_batch_size:
+        return full_batch_hvp_operator(problem.batch_loss_fn, params,
+                                       jnp.asarray(problem.dataset.x_train),
+                                       jnp.asarray(problem.dataset.y_train), cfg.hvp_batch_size)
+    return hvp_operator(problem.loss_fn, params)
+
+
+def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> KrylovInitRecord:
+    """The protocol with HVPs only: Newton-MR (or gradient-norm descent), then Lanczos + SLQ."""
+    from crit.krylov import krylov_spectrum
+    from crit.newton_mr import newton_mr_critical_point
+
+    params, log = train_init(problem, cfg, init_id)
+    if cfg.finder == "newton":
+        found = newton_mr_critical_point(problem.loss_fn, params, max_iters=cfg.finder_steps,
+                                         minres_iters=cfg.minres_iters, grad_tol=cfg.grad_tol,
+                                         hvp_batch=_hvp_batch(problem, cfg))
+    else:
+        found = find_critical_point(problem.loss_fn, params, cfg.finder, cfg.grad_tol,
+                                    **finder_kwargs(cfg))
+    _, matvec = hessian_operator(problem, cfg, found.params)
+    spec = krylov_spectrum(matvec, jax.random.fold_in(init_key(cfg.seed, init_id), 1),
+                           problem.n_params, num_steps=cfg.lanczos_steps,
+                           num_probes=cfg.slq_probes, tol=cfg.eig_tol)
+    norm = jnp.maximum(jnp.abs(spec.lambda_min), jnp.abs(spec.lambda_max))
+    cert = certify(problem.loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
+    p = problem.n_params
+    count = lambda f: jnp.round(f * p).astype(jnp.int32)  # noqa: E731
+    return KrylovInitRecord(
+        init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
+        grad_norm=cert.grad_norm, flatness=cert.flatness,
+        train_loss=log.loss[-1].astype(jnp.float64),
+        train_grad_norm=log.grad_norm[-1].astype(jnp.float64),
+        finder_iterations=found.iterations, n_pos=count(spec.min_ratio),
+        n_neg=count(spec.index), n_null=count(spec.null_fraction),
+        min_ratio=spec.min_ratio, min_ratio_lo=spec.min_ratio_lo,
+        min_ratio_hi=spec.min_ratio_hi, index=spec.index, index_lo=spec.index_lo,
+        index_hi=spec.index_hi, null_fraction=spec.null_fraction,
+        null_fraction_lo=spec.null_fraction_lo, null_fraction_hi=spec.null_fraction_hi,
+        lambda_min=spec.lambda_min, lambda_max=spec.lambda_max,
+        lambda_min_converged=spec.lambda_min_converged,
+        lambda_max_converged=spec.lambda_max_converged, tolerance=spec.tolerance,
+        num_matvecs=spec.num_matvecs, ritz_largest=spec.largest, ritz_smallest=spec.smallest,
+        slq_nodes=spec.nodes, slq_weights=spec.weights,
+        curve_loss=log.loss.astype(jnp.float64),
+        curve_grad_norm=log.grad_norm.astype(jnp.float64), finder_history=found.history)
 
 
 def make_chunk_fn(problem: Problem, cfg: ProtocolConfig, mesh=None):
@@ -140,7 +262,7 @@ def run_chunk(chunk_fn, init_ids: np.ndarray, chunk_size: int) -> dict[str, np.n
     return {k: np.asarray(v)[:n] for k, v in record._asdict().items()}
 
 
-def estimate_bytes_per_init(problem: Problem) -> int:
+def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None) -> int:
     """Rough peak memory of one init in :func:`analyze_init`, dominated by the dense Hessian.
 
     ``jax.hessian`` pushes P tangents through the forward and backward pass at once: about
@@ -152,11 +274,16 @@ def estimate_bytes_per_init(problem: Problem) -> int:
     leaves = jax.eval_shape(problem.init_fn, jax.random.key(0))
     width_sum = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(leaves) if l.ndim == 1)
     width_sum = max(width_sum, p // max(n, 1), 16)
+    if cfg is not None and cfg.hessian == "lanczos":
+        # Lanczos bases of all runs plus a few activations per HVP
+        rows = n if not cfg.hvp_batch_size else min(n, cfg.hvp_batch_size)
+        return int(8 * ((cfg.slq_probes + 1) * cfg.lanczos_steps * p + 8 * rows * width_sum
+                        + 12 * p))
     return int(8 * (4 * p * n * width_sum + 6 * p * p))
 
 
 def auto_chunk_size(problem: Problem, num_inits: int, memory_budget: float | None = None,
-                    max_chunk: int = 256) -> int:
+                    max_chunk: int = 256, cfg: ProtocolConfig | None = None) -> int:
     """Largest chunk within ``memory_budget`` bytes (default: a quarter of the memory free on the
     first local device, at most 4 GiB), capped by ``num_inits`` and ``max_chunk``, at least 1.
 
@@ -167,5 +294,5 @@ def auto_chunk_size(problem: Problem, num_inits: int, memory_budget: float | Non
         from crit.parallel import available_memory_bytes
 
         memory_budget = min(available_memory_bytes() / 4, 4 * 2**30)
-    per_init = estimate_bytes_per_init(problem)
+    per_init = estimate_bytes_per_init(problem, cfg)
     return int(max(1, min(num_inits, max_chunk, memory_budget // per_init)))

@@ -34,11 +34,30 @@ flags.DEFINE_integer("chunk_size", 0, "Inits per vmapped chunk (0: chosen from P
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_enum("hessian", "auto", ["auto", "dense", "lanczos"],
+                  "Spectrum: dense (exact Hessian + eigvalsh), lanczos (HVPs: Newton-MR finder, "
+                  "Lanczos extremes, SLQ fractions with intervals), or auto (dense iff "
+                  "P <= --dense_max_params).")
+flags.DEFINE_integer("dense_max_params", 3000, "Largest P for the dense Hessian under "
+                     "--hessian=auto.")
+flags.DEFINE_integer("lanczos_steps", 90, "Lanczos steps per run (--hessian=lanczos).")
+flags.DEFINE_integer("slq_probes", 8, "SLQ probe vectors (--hessian=lanczos).")
+flags.DEFINE_integer("minres_iters", 50, "MINRES iterations per Newton-MR step "
+                     "(--hessian=lanczos --finder=newton).")
+flags.DEFINE_integer("hvp_batch_size", 0, "Data rows per HVP batch (0: all at once); the "
+                     "full-data HVP is Σ_b (n_b/N)·HVP_b (--hessian=lanczos).")
 
 CSV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n_neg", "n_null",
                "min_ratio", "index", "null_fraction", "nonnull_ratio", "lambda_min",
                "lambda_max", "tolerance", "finder_iterations", "flatness", "train_loss",
                "train_grad_norm")
+# With --hessian=lanczos the fractions are SLQ estimates with intervals.
+KRYLOV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n_neg",
+                  "n_null", "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo",
+                  "index_hi", "null_fraction", "null_fraction_lo", "null_fraction_hi",
+                  "lambda_min", "lambda_max", "lambda_min_converged", "lambda_max_converged",
+                  "tolerance", "finder_iterations", "num_matvecs", "flatness", "train_loss",
+                  "train_grad_norm")
 
 
 def validate() -> None:
@@ -46,6 +65,11 @@ def validate() -> None:
     errors = common.problem_errors() + common.cluster_errors()
     if FLAGS.num_inits < 1:
         errors.append(f"--num_inits={FLAGS.num_inits}: must be >= 1")
+    for name in ("dense_max_params", "lanczos_steps", "slq_probes", "minres_iters"):
+        if getattr(FLAGS, name) < 1:
+            errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= 1")
+    if FLAGS.hvp_batch_size < 0:
+        errors.append(f"--hvp_batch_size={FLAGS.hvp_batch_size}: must be >= 0 (0 = all rows)")
     if FLAGS.chunk_size < 0:
         errors.append(f"--chunk_size={FLAGS.chunk_size}: must be >= 0 (0 = automatic)")
     out = Path(FLAGS.out_dir)
@@ -55,8 +79,18 @@ def validate() -> None:
         raise app.UsageError("\n".join(errors))
 
 
-def protocol_config() -> ProtocolConfig:
+def hessian_mode(n_params: int) -> str:
+    """--hessian resolved: auto means dense up to --dense_max_params parameters."""
+    if FLAGS.hessian != "auto":
+        return FLAGS.hessian
+    return "dense" if n_params <= FLAGS.dense_max_params else "lanczos"
+
+
+def protocol_config(n_params: int) -> ProtocolConfig:
     return ProtocolConfig(
+        hessian=hessian_mode(n_params), lanczos_steps=FLAGS.lanczos_steps,
+        slq_probes=FLAGS.slq_probes, minres_iters=FLAGS.minres_iters,
+        hvp_batch_size=FLAGS.hvp_batch_size,
         seed=FLAGS.seed, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
         momentum=FLAGS.momentum, train_steps=FLAGS.train_steps, log_every=FLAGS.log_every,
         train_dtype=FLAGS.train_dtype, finder=FLAGS.finder, finder_steps=common.finder_steps(),
@@ -81,12 +115,19 @@ def run_config(cfg: ProtocolConfig, problem) -> dict:
 def assemble(out_dir: Path, records: dict, n_params: int, log_steps) -> None:
     """results.csv, spectra.npz and curves.npz from the merged chunk records."""
     status = np.array([STATUSES[s] for s in records["status"]])
-    columns = {c: records[c] for c in CSV_COLUMNS if c in records}
+    krylov = "slq_nodes" in records
+    names = KRYLOV_COLUMNS if krylov else CSV_COLUMNS
+    columns = {c: records[c] for c in names if c in records}
     columns["status"] = status
     columns["n_params"] = np.full(len(status), n_params)
-    store.write_csv(out_dir / "results.csv", {c: columns[c] for c in CSV_COLUMNS})
+    store.write_csv(out_dir / "results.csv", {c: columns[c] for c in names})
+    if krylov:
+        spectra = {k: records[k] for k in ("slq_nodes", "slq_weights", "ritz_largest",
+                                           "ritz_smallest")}
+    else:
+        spectra = {"eigenvalues": records["eigenvalues"]}
     store.atomic_save_npz(out_dir / "spectra.npz", {
-        "init_id": records["init_id"], "eigenvalues": records["eigenvalues"],
+        "init_id": records["init_id"], **spectra,
         "tolerance": records["tolerance"], "status": status.astype("U16")})
     store.atomic_save_npz(out_dir / "curves.npz", {
         "init_id": records["init_id"], "train_step": np.asarray(log_steps),
@@ -117,6 +158,11 @@ def summarize(records: dict) -> str:
         lines.append(line)
     lines.append(f"  gradient norm: median {np.median(records['grad_norm']):.2e}, "
                  f"max {np.max(records['grad_norm']):.2e}")
+    if "eigenvalues" not in records:
+        lo, hi = records["min_ratio_lo"], records["min_ratio_hi"]
+        lines.append(f"  SLQ intervals: median width of [min_ratio_lo, min_ratio_hi] = "
+                     f"{np.median(hi - lo):.3f}")
+        return "\n".join(lines)
     lines.append("  tolerance sensitivity (median min ratio / null fraction, all inits): " + ", ".join(
         f"τ×{m:g}: {np.median(s.min_ratio):.3f} / {np.median(s.null_fraction):.3f}"
         for m, s in ((m, classify_spectrum(records["eigenvalues"], records["tolerance"] * m))
@@ -124,7 +170,7 @@ def summarize(records: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_chunks(problem, todo: np.ndarray, mesh) -> tuple[int, list[np.ndarray]]:
+def plan_chunks(problem, cfg, todo: np.ndarray, mesh) -> tuple[int, list[np.ndarray]]:
     """Chunk size (a multiple of the device count) and this process's chunks of ``todo``.
 
     A chunk the memory estimate says cannot fit is refused here, before any compute.
@@ -136,14 +182,14 @@ def plan_chunks(problem, todo: np.ndarray, mesh) -> tuple[int, list[np.ndarray]]
     n_dev = mesh.size
     if FLAGS.chunk_size:
         chunk = FLAGS.chunk_size
-        need = chunk * estimate_bytes_per_init(problem) / n_dev
+        need = chunk * estimate_bytes_per_init(problem, cfg) / n_dev
         free = available_memory_bytes()
         if need > free:
             raise app.UsageError(
                 f"--chunk_size={chunk}: about {need / 2**30:.1f} GiB per device is needed but "
                 f"{free / 2**30:.1f} GiB is free; lower --chunk_size (or 0 for automatic)")
     else:
-        chunk = auto_chunk_size(problem, FLAGS.num_inits) * n_dev
+        chunk = auto_chunk_size(problem, FLAGS.num_inits, cfg=cfg) * n_dev
     chunk = round_to_devices(min(chunk, max(FLAGS.num_inits, 1)), n_dev)
     return chunk, process_chunks(todo, chunk, jax.process_index(), jax.process_count())
 
@@ -154,7 +200,7 @@ def compute(problem, cfg, out_dir: Path, todo: np.ndarray) -> None:
     from crit.parallel import local_mesh
 
     mesh = local_mesh()
-    chunk, mine = plan_chunks(problem, todo, mesh)
+    chunk, mine = plan_chunks(problem, cfg, todo, mesh)
     print(f"process {jax.process_index()}/{jax.process_count()}: {sum(map(len, mine))} inits "
           f"in {len(mine)} chunks of {chunk} over {mesh.size} device(s)", flush=True)
     if not mine:
@@ -183,7 +229,7 @@ def main(argv):
     import jax
 
     problem = common.problem_from_flags()
-    cfg = protocol_config()
+    cfg = protocol_config(problem.n_params)
     out_dir = Path(FLAGS.out_dir)
     lead = jax.process_index() == 0
     try:
@@ -199,7 +245,7 @@ def main(argv):
     todo = store.missing_ids(done.get("init_id", []), FLAGS.num_inits)
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
           f"points, phi = P/(n·k) = {problem.phi:.3f}; {FLAGS.num_inits} inits, finder "
-          f"{cfg.finder}" + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""),
+          f"{cfg.finder}, hessian {cfg.hessian}" + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""),
           flush=True)
     compute(problem, cfg, out_dir, todo)
     if not lead:
@@ -223,7 +269,8 @@ def main(argv):
         records["loss"], records["min_ratio"], status, out_dir,
         title=f"{problem.name}, P = {problem.n_params}, {FLAGS.num_inits} inits, finder "
               f"{cfg.finder}; critical iff ‖∇L‖ ≤ {cfg.grad_tol:g}",
-        tolerance_note=tol)
+        tolerance_note=tol, ratio_lo=records.get("min_ratio_lo"),
+        ratio_hi=records.get("min_ratio_hi"))
     print(summarize(records))
     print(f"wrote {out_dir}/results.csv, spectra.npz, curves.npz, min_ratio.png/.pdf")
 

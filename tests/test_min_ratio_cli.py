@@ -164,3 +164,23 @@ def test_foreign_directory_is_refused(tmp_path):
     proc = run_app(*TINY, f"--out_dir={tmp_path}", "--overwrite", check=False)
     assert proc.returncode != 0 and "notes.txt" in proc.stderr
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_lanczos_mode_agrees_with_dense(tmp_path):
+    """Same point (gradnorm finder) analysed both ways: the exact ratio lies in the SLQ interval
+    and the extremal Ritz values match eigvalsh."""
+    common = ["--widths=4", "--n_points=24", "--train_steps=60", "--log_every=20",
+              "--finder=gradnorm", "--finder_steps=10", "--progress=false", "--num_inits=2"]
+    run_app(*common, "--hessian=dense", f"--out_dir={tmp_path / 'dense'}")
+    run_app(*common, "--hessian=lanczos", "--lanczos_steps=30", "--slq_probes=6",
+            "--hvp_batch_size=7", f"--out_dir={tmp_path / 'lanczos'}")
+    dense = read_rows(tmp_path / "dense" / "results.csv")
+    krylov = read_rows(tmp_path / "lanczos" / "results.csv")
+    for d, k in zip(dense, krylov):
+        assert d["status"] == k["status"]
+        assert float(k["min_ratio_lo"]) <= float(d["min_ratio"]) <= float(k["min_ratio_hi"])
+        assert float(k["index_lo"]) <= float(d["index"]) <= float(k["index_hi"])
+        for col in ("lambda_min", "lambda_max"):
+            assert float(k[col]) == pytest.approx(float(d[col]), rel=1e-8)
+    with np.load(tmp_path / "lanczos" / "spectra.npz", allow_pickle=False) as s:
+        assert s["slq_nodes"].shape == (2, 6, 30) and "eigenvalues" not in s.files
