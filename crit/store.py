@@ -41,8 +41,9 @@ class ResultsDirError(ValueError):
     """The output directory cannot be used as asked (the message says why and what to do)."""
 
 
-def _owned(name: str) -> bool:
-    return name in OWNED_NAMES or name.endswith(OWNED_SUFFIXES) or name.startswith(".tmp")
+def _owned(name: str, extra: Iterable[str] = ()) -> bool:
+    return (name in OWNED_NAMES or name in extra or name.endswith(OWNED_SUFFIXES)
+            or name.startswith(".tmp"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -84,14 +85,18 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise ResultsDirError(f"cannot read {path}: {exc}. Delete it to recompute it.") from exc
 
 
-def prepare_out_dir(out_dir: str | Path, config: Mapping, overwrite: bool = False) -> bool:
+def prepare_out_dir(out_dir: str | Path, config: Mapping, overwrite: bool = False,
+                    outputs: Iterable[str] = (), chunked: bool = True) -> bool:
     """Check ``out_dir`` before any compute and write ``config.json``; return True if resuming.
 
     ``config["protocol"]`` is the fingerprint: everything that changes numbers. A directory that
     already holds a run with the same fingerprint is resumed; a different one is refused unless
     ``overwrite`` (which removes only files crit writes). Files crit did not write are never
-    removed: such a directory is refused.
+    removed: such a directory is refused. ``outputs`` names the app's own data files (besides
+    config.json, figures and the standard results), so a rerun may replace them; ``chunked``
+    creates the ``chunks/`` folder of resumable apps.
     """
+    outputs = tuple(outputs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ResultsDirError(f"--out_dir={out} is a file, not a directory")
@@ -102,7 +107,7 @@ def prepare_out_dir(out_dir: str | Path, config: Mapping, overwrite: bool = Fals
     if not os.access(out, os.W_OK | os.X_OK):
         raise ResultsDirError(f"--out_dir={out} is not writable")
     entries = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in entries if not _owned(n)]
+    foreign = [n for n in entries if not _owned(n, outputs)]
     if foreign:
         raise ResultsDirError(f"--out_dir={out} holds files crit did not write ({', '.join(foreign[:5])}"
                               f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new "
@@ -126,8 +131,9 @@ def prepare_out_dir(out_dir: str | Path, config: Mapping, overwrite: bool = Fals
                                   f"({diff}); pass --overwrite to replace them or choose another "
                                   "--out_dir")
         else:
-            clear_owned(out)
-    (out / CHUNK_DIR).mkdir(exist_ok=True)
+            clear_owned(out, outputs)
+    if chunked:
+        (out / CHUNK_DIR).mkdir(exist_ok=True)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2, sort_keys=True, default=str))
     return resuming
 
@@ -139,10 +145,11 @@ def _diff(old: Mapping, new: Mapping) -> str:
     return "; ".join(changed[:4]) or "no config.json"
 
 
-def clear_owned(out: Path) -> None:
+def clear_owned(out: Path, outputs: Iterable[str] = ()) -> None:
     """Remove the files and chunk folder crit writes in ``out`` (nothing else)."""
+    outputs = tuple(outputs)
     for p in out.iterdir():
-        if not _owned(p.name):
+        if not _owned(p.name, outputs):
             continue
         if p.is_dir():
             for q in p.iterdir():

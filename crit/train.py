@@ -84,3 +84,73 @@ def train(loss_fn: Callable[[Params], jax.Array], optimizer: optax.GradientTrans
 def cast_params(params: Params, dtype) -> Params:
     """Cast every floating leaf to ``dtype`` (float32 training, float64 refinement)."""
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def snapshot_steps(num_steps: int, record_every: int):
+    """The steps at which :func:`train_with_snapshots` keeps θ: 0, r, 2r, ... (< num_steps), num_steps."""
+    import numpy as np
+
+    return np.concatenate([np.arange(num_steps // record_every) * record_every, [num_steps]])
+
+
+def train_with_snapshots(loss_fn: Callable[[Params], jax.Array],
+                         optimizer: optax.GradientTransformation, params: Params,
+                         num_steps: int, record_every: int) -> Params:
+    """Full-batch training like :func:`train`, keeping the parameters every ``record_every`` steps.
+
+    Returns θ at :func:`snapshot_steps` stacked on a leading axis of length S (a pytree like
+    ``params`` with an extra first axis). One initialization; ``vmap`` it over many.
+    """
+    grad_fn = jax.grad(loss_fn)
+
+    def step(carry, _):
+        p, state = carry
+        updates, state = optimizer.update(grad_fn(p), state, p)
+        return (optax.apply_updates(p, updates), state), None
+
+    def block(carry, _):
+        snapshot = carry[0]
+        carry, _ = jax.lax.scan(step, carry, None, length=record_every)
+        return carry, snapshot
+
+    n_blocks, tail = divmod(num_steps, record_every)
+    carry, snaps = jax.lax.scan(block, (params, optimizer.init(params)), None, length=n_blocks)
+    if tail:
+        carry, _ = jax.lax.scan(step, carry, None, length=tail)
+    return jax.tree.map(lambda s, last: jnp.concatenate([s, last[None]]), snaps, carry[0])
+
+
+def minibatch_train(batch_loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    params: Params, x: jax.Array, y: jax.Array, key: jax.Array,
+                    batch_size: int, epochs: int, record_every: int = 0):
+    """Mini-batch training in ``lax.scan``: a fresh permutation of the n points every epoch.
+
+    Each epoch visits ⌊n / batch_size⌋ disjoint batches (the remainder of the permutation is
+    skipped that epoch). Returns the final parameters; with ``record_every > 0`` also θ at steps
+    0, r, 2r, ... and the last step, stacked on a leading axis. One initialization; vmap it.
+    """
+    n = x.shape[0]
+    per_epoch = n // batch_size
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, epochs))
+    batches = perms[:, :per_epoch * batch_size].reshape(epochs * per_epoch, batch_size)
+    grad_fn = jax.grad(batch_loss_fn)
+
+    def step(carry, idx):
+        p, state = carry
+        updates, state = optimizer.update(grad_fn(p, x[idx], y[idx]), state, p)
+        return (optax.apply_updates(p, updates), state), None
+
+    carry = (params, optimizer.init(params))
+    if not record_every:
+        return jax.lax.scan(step, carry, batches)[0][0]
+
+    def block(carry, idx_block):
+        snapshot = carry[0]
+        return jax.lax.scan(step, carry, idx_block)[0], snapshot
+
+    n_blocks = batches.shape[0] // record_every
+    body = batches[:n_blocks * record_every].reshape(n_blocks, record_every, batch_size)
+    carry, snaps = jax.lax.scan(block, carry, body)
+    carry, _ = jax.lax.scan(step, carry, batches[n_blocks * record_every:])
+    snaps = jax.tree.map(lambda s, last: jnp.concatenate([s, last[None]]), snaps, carry[0])
+    return carry[0], snaps
