@@ -32,12 +32,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
 from experiments import common
 from crit import landscape, store
-from crit.train import cast_params, make_optimizer
+from crit.train import cast_params, make_optimizer, minibatch_train, snapshot_steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_runs", 3, "Small-batch runs from different inits (>= 2: lines between "
@@ -67,7 +66,6 @@ FLAGS.set_default("widths", "32")
 FLAGS.set_default("n_points", 1437)
 
 OUTPUTS = ("lines.npz", "lines.csv", "models.csv", "projection.npz")
-store.OWNED_NAMES.update(OUTPUTS)
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 
 
@@ -111,44 +109,6 @@ def validate() -> None:
 
 # ----------------------------------------------------------------------------- training
 
-
-def minibatch_train(batch_loss_fn, optimizer, params, x, y, key, batch_size: int, epochs: int,
-                    record_every: int = 0):
-    """Mini-batch training in ``lax.scan``: a new permutation of the n points every epoch.
-
-    Each epoch visits ⌊n / batch_size⌋ disjoint batches (the remainder is dropped). Returns the
-    final parameters, and with ``record_every > 0`` also θ at steps 0, r, 2r, ... and the last
-    step, stacked on a leading axis (see :func:`snapshot_steps`). One initialization; vmap it.
-    """
-    n = x.shape[0]
-    per_epoch = n // batch_size
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, epochs))
-    batches = perms[:, :per_epoch * batch_size].reshape(epochs * per_epoch, batch_size)
-    grad_fn = jax.grad(batch_loss_fn)
-
-    def step(carry, idx):
-        p, state = carry
-        updates, state = optimizer.update(grad_fn(p, x[idx], y[idx]), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    carry = (params, optimizer.init(params))
-    if not record_every:
-        return jax.lax.scan(step, carry, batches)[0][0]
-
-    def block(carry, idx_block):
-        snapshot = carry[0]
-        return jax.lax.scan(step, carry, idx_block)[0], snapshot
-
-    n_blocks = batches.shape[0] // record_every
-    body = batches[:n_blocks * record_every].reshape(n_blocks, record_every, batch_size)
-    carry, snaps = jax.lax.scan(block, carry, body)
-    carry, _ = jax.lax.scan(step, carry, batches[n_blocks * record_every:])
-    snaps = jax.tree.map(lambda s, last: jnp.concatenate([s, last[None]]), snaps, carry[0])
-    return carry[0], snaps
-
-
-def snapshot_steps(total_steps: int, record_every: int) -> np.ndarray:
-    return np.concatenate([np.arange(total_steps // record_every) * record_every, [total_steps]])
 
 
 def train_models(problem):
@@ -351,7 +311,8 @@ def main(argv):
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     n = problem.dataset.n_train
@@ -409,9 +370,6 @@ def main(argv):
                  log_loss=False)
     projection_figure(proj_x, proj_y, distance, snap_loss, out_dir,
                       f"{head}, batch {FLAGS.small_batch}: trajectory relative to the line θ0 → θ*")
-    folder = out_dir / store.CHUNK_DIR  # made by prepare_out_dir; this app writes no chunks
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
     for name, row in zip(model_names, zip(*[mres[k] for k in mres])):
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in zip(mres, row)))
     for j in range(n_lines):

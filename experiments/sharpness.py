@@ -32,14 +32,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 from experiments import common
 from crit import landscape, store
 from crit.hessian import hvp_operator, symmetrize
-from crit.train import cast_params, make_optimizer, tree_norm
+from crit.train import cast_params, make_optimizer, minibatch_train, tree_norm
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("batch_sizes", "32,64,256,1024", "Comma-separated batch sizes to compare.")
@@ -66,7 +65,6 @@ FLAGS.set_default("widths", "16")  # P = 1210: the dense Hessian of every model 
 FLAGS.set_default("n_points", 1437)
 
 OUTPUTS = ("sharpness.csv", "sharpness.npz")
-store.OWNED_NAMES.update(OUTPUTS)
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 COLUMNS = ("batch_size", "run", "steps", "train_loss", "test_loss", "train_acc", "test_acc",
            "grad_norm", "sharpness", "sharpness_increase", "sensitivity", "lambda_max",
@@ -114,21 +112,6 @@ def validate() -> None:
     if errors:
         raise app.UsageError("\n".join(errors))
 
-
-def minibatch_train(batch_loss_fn, optimizer, params, x, y, key, batch_size: int, epochs: int):
-    """Mini-batch training in ``lax.scan``: a new permutation every epoch, ⌊n/b⌋ batches each."""
-    n = x.shape[0]
-    per_epoch = n // batch_size
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, epochs))
-    batches = perms[:, :per_epoch * batch_size].reshape(epochs * per_epoch, batch_size)
-    grad_fn = jax.grad(batch_loss_fn)
-
-    def step(carry, idx):
-        p, state = carry
-        updates, state = optimizer.update(grad_fn(p, x[idx], y[idx]), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    return jax.lax.scan(step, (params, optimizer.init(params)), batches)[0][0]
 
 
 def hessian_or_power(loss_fn, params, key, dense: bool, chunk: int, power_iters: int):
@@ -237,7 +220,8 @@ def main(argv):
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     sizes = parse_batch_sizes(FLAGS.batch_sizes)
@@ -284,9 +268,6 @@ def main(argv):
     sharpness_figure(rows, out_dir, f"{problem.name}, P = {problem.n_params}, {FLAGS.epochs} "
                      f"epochs of {FLAGS.optimizer} (lr {FLAGS.learning_rate:g}), "
                      f"{FLAGS.num_runs} runs per batch size")
-    folder = out_dir / store.CHUNK_DIR  # made by prepare_out_dir; this app writes no chunks
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
     print(f"wrote {out_dir}/sharpness.csv, sharpness.npz, sharpness.png/.pdf")
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
@@ -39,7 +38,7 @@ from experiments import common
 from crit import landscape, store
 from crit.critical import find_critical_point
 from crit.hessian import dense_hessian
-from crit.train import cast_params, make_optimizer, tree_norm
+from crit.train import cast_params, make_optimizer, train_with_snapshots, tree_norm
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seed", 0, "Root seed; the model uses init fold_in(PRNGKey(seed), 0).")
@@ -57,7 +56,6 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
 
 MAX_DENSE_PARAMS = 5000  # a P × P float64 Hessian of 5000 is 200 MB and one eigh of it
 OUTPUTS = ("surface.npz",)
-store.OWNED_NAMES.update(OUTPUTS)
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 
 
@@ -87,23 +85,6 @@ def validate_problem(problem) -> None:
             f"dense Hessian is limited to P <= {MAX_DENSE_PARAMS}; use --directions=random or "
             "smaller --widths")
 
-
-def train_with_snapshots(loss_fn, optimizer, params, num_steps: int, record_every: int):
-    """Full-batch steps in ``lax.scan``; θ at steps 0, r, 2r, ... and the last, stacked."""
-    grad_fn = jax.grad(loss_fn)
-
-    def step(carry, _):
-        p, state = carry
-        updates, state = optimizer.update(grad_fn(p), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    def block(carry, _):
-        return jax.lax.scan(step, carry, None, length=record_every)[0], carry[0]
-
-    n_blocks, tail = divmod(num_steps, record_every)
-    carry, snaps = jax.lax.scan(block, (params, optimizer.init(params)), None, length=n_blocks)
-    carry, _ = jax.lax.scan(step, carry, None, length=tail)
-    return jax.tree.map(lambda s, last: jnp.concatenate([s, last[None]]), snaps, carry[0])
 
 
 def find_minimum(problem):
@@ -222,7 +203,8 @@ def main(argv):
     validate_problem(problem)
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.train_steps} {FLAGS.optimizer} steps, "
@@ -261,9 +243,6 @@ def main(argv):
              f"{np.median(residual[:-1]):.3g} (‖θ0 − θ*‖ = {out['distance'][0]:.3g})")
     surface_figures(alphas, loss, out["alpha"], out["beta"], out_dir, title,
                     names, status)
-    folder = out_dir / store.CHUNK_DIR  # made by prepare_out_dir; this app writes no chunks
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
     print(f"θ*: loss {float(loss_star):.4g}, {status}; surface loss in "
           f"[{loss.min():.3g}, {loss.max():.3g}]")
     print(f"wrote {out_dir}/surface.npz, surface_contour.png/.pdf, surface_3d.png/.pdf")

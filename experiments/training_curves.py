@@ -38,7 +38,6 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
                   "--out_dir.")
 
 OUTPUTS = ("curves.npz", "runs.csv")
-store.OWNED_NAMES.update(OUTPUTS)
 NOT_PROTOCOL = ("out_dir", "overwrite")
 
 
@@ -154,7 +153,8 @@ def main(argv):
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.num_runs} runs: {FLAGS.train_steps} "
@@ -173,9 +173,6 @@ def main(argv):
     n_crit = int(r["critical"].sum())
     curves_figure(r, out_dir, f"{problem.name}, P = {problem.n_params}: {n_crit}/{FLAGS.num_runs} "
                   f"runs certified critical (‖∇L‖ ≤ {FLAGS.grad_tol:g})")
-    folder = out_dir / store.CHUNK_DIR  # made by prepare_out_dir; this app writes no chunks
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
     for i in range(FLAGS.num_runs):
         print(f"run {i}: after training loss {r['start_loss'][i]:.3e} ‖∇L‖ "
               f"{r['start_grad_norm'][i]:.2e}; after {int(r['finder_iterations'][i])} "

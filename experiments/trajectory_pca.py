@@ -23,13 +23,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
 from experiments import common
 from crit import landscape, store
-from crit.train import cast_params, make_optimizer, tree_norm
+from crit.train import cast_params, make_optimizer, snapshot_steps, train_with_snapshots, tree_norm
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_runs", 8, "Independent trainings (vmapped); run i uses init "
@@ -46,7 +45,6 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
                   "--out_dir.")
 
 OUTPUTS = ("trajectories.npz", "runs.csv")
-store.OWNED_NAMES.update(OUTPUTS)  # files this app writes (so --overwrite may replace them)
 NOT_PROTOCOL = ("out_dir", "overwrite", "annotate_every")
 
 
@@ -82,36 +80,6 @@ def validate() -> None:
     if errors:
         raise app.UsageError("\n".join(errors))
 
-
-def train_with_snapshots(loss_fn, optimizer, params, num_steps: int, record_every: int):
-    """Full-batch optimizer steps in ``lax.scan``, keeping θ every ``record_every`` steps.
-
-    Returns the parameters at steps 0, r, 2r, ... (< num_steps) and at ``num_steps`` (see
-    :func:`snapshot_steps`), stacked on a leading axis of length S. Written for one
-    initialization; ``jax.vmap`` it over many.
-    """
-    grad_fn = jax.grad(loss_fn)
-
-    def step(carry, _):
-        p, state = carry
-        updates, state = optimizer.update(grad_fn(p), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    def block(carry, _):
-        snapshot = carry[0]
-        carry, _ = jax.lax.scan(step, carry, None, length=record_every)
-        return carry, snapshot
-
-    n_blocks, tail = divmod(num_steps, record_every)
-    carry, snaps = jax.lax.scan(block, (params, optimizer.init(params)), None, length=n_blocks)
-    if tail:
-        carry, _ = jax.lax.scan(step, carry, None, length=tail)
-    return jax.tree.map(lambda s, last: jnp.concatenate([s, last[None]]), snaps, carry[0])
-
-
-def snapshot_steps(num_steps: int, record_every: int) -> np.ndarray:
-    """The step numbers :func:`train_with_snapshots` records at."""
-    return np.concatenate([np.arange(num_steps // record_every) * record_every, [num_steps]])
 
 
 def run_trainings(problem):
@@ -188,7 +156,8 @@ def main(argv):
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.num_runs} runs × "
@@ -212,7 +181,6 @@ def main(argv):
                f"{problem.name}, P = {problem.n_params}: PCA of parameter snapshots "
                f"(every {FLAGS.record_every} {FLAGS.optimizer} steps)",
                f"layer {FLAGS.layer} ({layer_size} parameters)")
-    _drop_empty_chunk_dir(out_dir)
     print(f"final loss: median {np.median(loss[:, -1]):.3g}, range [{loss[:, -1].min():.3g}, "
           f"{loss[:, -1].max():.3g}]; explained variance (PC1, PC2): model "
           f"{np.round(np.asarray(whole.explained_variance_ratio), 3)}, {FLAGS.layer} "
@@ -220,11 +188,6 @@ def main(argv):
     print(f"wrote {out_dir}/trajectories.npz, runs.csv, trajectory_pca.png/.pdf")
 
 
-def _drop_empty_chunk_dir(out_dir: Path) -> None:
-    """prepare_out_dir makes chunks/ for resumable apps; this one writes no chunks."""
-    folder = out_dir / store.CHUNK_DIR
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
 
 
 if __name__ == "__main__":
