@@ -71,7 +71,7 @@ def _flat_grad_norm(grad_f, theta):
 def newton_critical_point(loss_fn: Callable[[Params], jax.Array], params: Params,
                           max_iters: int = 30, grad_tol: float = 1e-8,
                           damping_grid=DAMPING_GRID, rcond: float = 1e-13,
-                          patience: int = 10, min_progress: float = 0.5) -> FinderResult:
+                          patience: int = 6, min_progress: float = 0.6) -> FinderResult:
     """Drive ``params`` to a critical point of ``loss_fn`` by damped Newton on ∇L = 0.
 
     Parameters

@@ -38,7 +38,7 @@ class ProtocolConfig(NamedTuple):
     log_every: int = 10
     train_dtype: str = "float64"
     finder: str = "newton"
-    finder_steps: int = 30
+    finder_steps: int = 15
     finder_lr: float = 1e-3
     grad_tol: float = 1e-8
     flat_tol: float = 1e-3

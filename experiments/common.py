@@ -47,7 +47,7 @@ flags.DEFINE_enum("train_dtype", "float64", ["float64", "float32"],
 flags.DEFINE_enum("finder", "newton", list(FINDERS),
                   "Critical-point finder: newton (damped Newton on ∇L = 0, exact Hessian) or "
                   "gradnorm (Adam on ½‖∇L‖², the homework method).")
-flags.DEFINE_integer("finder_steps", None, "Finder iterations (default: 30 for newton, 1000 for "
+flags.DEFINE_integer("finder_steps", None, "Finder iterations (default: 15 for newton, 1000 for "
                      "gradnorm).")
 flags.DEFINE_float("finder_lr", 1e-3, "Adam learning rate of --finder=gradnorm.")
 flags.DEFINE_float("grad_tol", 1e-8, "Certificate: a point is critical iff ‖∇L‖ ≤ grad_tol.")
@@ -118,7 +118,7 @@ def problem_errors() -> list[str]:
 def finder_steps() -> int:
     if FLAGS.finder_steps is not None:
         return FLAGS.finder_steps
-    return 30 if FLAGS.finder == "newton" else 1000
+    return 15 if FLAGS.finder == "newton" else 1000
 
 
 def problem_from_flags():

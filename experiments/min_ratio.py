@@ -190,8 +190,15 @@ def plan_chunks(problem, cfg, todo: np.ndarray, mesh) -> tuple[int, list[np.ndar
                 f"{free / 2**30:.1f} GiB is free; lower --chunk_size (or 0 for automatic)")
     else:
         chunk = auto_chunk_size(problem, FLAGS.num_inits, cfg=cfg) * n_dev
-    chunk = round_to_devices(min(chunk, max(FLAGS.num_inits, 1)), n_dev)
-    return chunk, process_chunks(todo, chunk, jax.process_index(), jax.process_count())
+    n = FLAGS.num_inits
+    chunk = min(chunk, n)
+    # balance the chunks: 100 inits with room for 46 run as 3 chunks of 34, not 46 + 46 + 8
+    chunk = round_to_devices(-(-n // -(-n // chunk)), n_dev)
+    # The partition is over all init ids, never over what a process happens to see on disk,
+    # so processes that start at different times still split the work without overlap.
+    mine = process_chunks(np.arange(n), chunk, jax.process_index(), jax.process_count())
+    mine = [c[np.isin(c, todo)] for c in mine]
+    return chunk, [c for c in mine if len(c)]
 
 
 def compute(problem, cfg, out_dir: Path, todo: np.ndarray) -> None:
