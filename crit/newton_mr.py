@@ -56,12 +56,15 @@ class MinresResult(NamedTuple):
     """Output of :func:`minres` for ``A x = b``."""
 
     solution: Array
-    """(n,) The MINRES iterate :math:`x_k` (minimum residual over the Krylov space)."""
+    """(n,) The MINRES iterate with the smallest residual norm (see :func:`minres`)."""
     residual_norm: Array
-    r"""() Recurrence estimate of :math:`\lVert b - A x_k \rVert` (exact in exact arithmetic)."""
+    r"""() Its residual :math:`\lVert b - A x \rVert`, with :math:`A x` carried along by the
+    recurrence (no extra matvec; accurate to rounding while :math:`\lVert x \rVert` stays
+    moderate)."""
     normal_residual_norm: Array
-    r"""() Estimate of :math:`\lVert A (b - A x_{k-1}) \rVert`, the least-squares optimality
-    measure (zero at any least-squares solution, also when the system is incompatible)."""
+    r"""() Recurrence estimate of :math:`\lVert A (b - A x_{k-1}) \rVert` at the last
+    iteration, the least-squares optimality measure (zero at any least-squares solution, also
+    of an incompatible system)."""
     iterations: Array
     """() Matvecs used (``<= num_iters``)."""
     converged: Array
@@ -102,6 +105,16 @@ def minres(matvec: Callable[[Array], Array], b: Array, num_iters: int,
     Returns
     -------
     MinresResult
+        The iterate with the smallest *true* residual norm, not necessarily the last one.
+        Without reorthogonalization the recurrence residual :math:`\bar\phi_k` can drift
+        below the true one; for an incompatible singular system the iterates then grow without
+        bound (measured here: :math:`\lVert x \rVert \sim 10^{14}` after ~70 iterations on a
+        60 x 60 system) while :math:`\bar\phi_k` still decreases. :math:`A x_k` is therefore
+        updated alongside :math:`x_k` (:math:`A w_k` from the same recurrence as
+        :math:`w_k`, using :math:`A v_k`, which Lanczos computes anyway), the true residual
+        is tracked, and an iterate replaces the best one only if it improves on it by more
+        than the rounding bound :math:`10 k \epsilon (\lVert A \rVert_F \max_j \lVert x_j
+        \rVert + \lVert b \rVert)`; once that bound exceeds the best residual the loop stops.
 
     Notes
     -----
@@ -109,10 +122,13 @@ def minres(matvec: Callable[[Array], Array], b: Array, num_iters: int,
     the iteration: then :math:`x_k` solves the system, or, if the projected tridiagonal is
     singular (incompatible :math:`b`), the Givens pivot :math:`\gamma_k` vanishes and the
     last update is skipped, so the returned :math:`x_{k-1}` is a least-squares solution
-    (Choi, Paige & Saunders 2011, sec. 2). No reorthogonalization is done: in floating point
-    convergence can be delayed on clustered spectra but the recurrence residual stays a
-    reliable guide (Greenbaum 1997, ch. 4). Plain MINRES is not the *minimum-norm* solution
-    of an incompatible system (MINRES-QLP is); Newton-MR's line search absorbs that.
+    (Choi, Paige & Saunders 2011, sec. 2). No reorthogonalization is done (memory stays a few
+    vectors of length n): convergence can be delayed on clustered spectra (Greenbaum 1997,
+    ch. 4). For an incompatible system the returned least-squares solution has
+    :math:`\lVert r \rVert` at the optimum to rounding, which pins :math:`A r` only to about
+    :math:`\sqrt{\epsilon}`, and it is not the *minimum-norm* solution (it keeps the
+    null-space component of :math:`b`; MINRES-QLP would remove it); Newton-MR's line search
+    absorbs both.
     """
     b = jnp.asarray(b, dtype=jnp.float64)
     beta1 = jnp.linalg.norm(b)
@@ -185,8 +201,8 @@ class BatchedLoss(NamedTuple):
 
     ``batch_loss_fn(params, xb, yb)`` is the mean loss over a batch (plus any data-independent
     penalty), as :attr:`crit.problems.Problem.batch_loss_fn`; gradients and HVPs are summed
-    over batches of ``batch_size`` rows of ``(x, y)`` with exact weights n_b/N
-    (:func:`crit.hessian.full_batch_hvp_operator`).
+    over batches of ``batch_size`` rows of ``(x, y)`` with exact weights n_b/N (HVPs by
+    :func:`crit.hessian.full_batch_hvp_operator`, gradients by a scan over the batches).
     """
 
     batch_loss_fn: Callable
@@ -195,21 +211,42 @@ class BatchedLoss(NamedTuple):
     batch_size: int
 
 
-def _operators(loss_fn, theta0, unravel, hvp_batch: Optional[BatchedLoss]):
-    """(grad_f, point_operator): flat gradient, and theta -> (g, matvec) at one point."""
+def _batched_grad(bl: BatchedLoss, unravel):
+    """theta -> full-data gradient, accumulated over batches with weights n_b / N."""
+    n = bl.x.shape[0]
+    size = min(bl.batch_size, n)
+    n_full = n // size
+    xs = bl.x[: n_full * size].reshape(n_full, size, *bl.x.shape[1:])
+    ys = bl.y[: n_full * size].reshape(n_full, size, *bl.y.shape[1:])
+    x_tail, y_tail = bl.x[n_full * size:], bl.y[n_full * size:]
+
+    def grad_f(theta):
+        def batch(xb, yb):
+            return jax.grad(lambda t: bl.batch_loss_fn(unravel(t), xb, yb))(theta)
+
+        def add(total, xy):
+            return total + batch(*xy), None
+
+        g = jax.lax.scan(add, jnp.zeros_like(theta), (xs, ys))[0] * (size / n)
+        if x_tail.shape[0]:
+            g = g + batch(x_tail, y_tail) * (x_tail.shape[0] / n)
+        return g
+
+    return grad_f
+
+
+def _operators(loss_fn, unravel, hvp_batch: Optional[BatchedLoss]):
+    """(grad_f, point): the flat gradient, and theta -> (g, matvec) at one point."""
     if hvp_batch is None:
         f = lambda t: loss_fn(unravel(t))  # noqa: E731
         return jax.grad(f), lambda t: hvp_operator(f, t)
     bl = hvp_batch
 
-    def grad_f(t):
-        return full_batch_hvp_operator(bl.batch_loss_fn, unravel(t), bl.x, bl.y,
-                                       bl.batch_size)[0]
+    def point(theta):
+        return full_batch_hvp_operator(bl.batch_loss_fn, unravel(theta), bl.x, bl.y,
+                                       bl.batch_size)
 
-    def point(t):
-        return full_batch_hvp_operator(bl.batch_loss_fn, unravel(t), bl.x, bl.y, bl.batch_size)
-
-    return grad_f, point
+    return _batched_grad(bl, unravel), point
 
 
 def newton_mr_critical_point(loss_fn: Callable[[Params], Array], params: Params,
@@ -251,7 +288,7 @@ def newton_mr_critical_point(loss_fn: Callable[[Params], Array], params: Params,
         linearization per iteration (fastest). A :class:`BatchedLoss`: gradients and HVPs
         summed over data batches instead (memory bounded by one batch; each HVP is then a
         fresh forward-over-reverse pass per batch, about twice the cost). ``loss_fn`` is
-        still used for nothing else, so both must describe the same loss.
+        then not evaluated at all, so both must describe the same loss.
     minres_rtol
         MINRES relative tolerance (inexactness of the Newton step).
     step_grid
@@ -273,7 +310,7 @@ def newton_mr_critical_point(loss_fn: Callable[[Params], Array], params: Params,
     """
     theta0, unravel = ravel_pytree(params)
     theta0 = jnp.asarray(theta0, dtype=jnp.float64)
-    grad_f, point = _operators(loss_fn, theta0, unravel, hvp_batch)
+    grad_f, point = _operators(loss_fn, unravel, hvp_batch)
     ts = jnp.asarray(step_grid, dtype=theta0.dtype)
     target = grad_tol / 100.0
 

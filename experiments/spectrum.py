@@ -1,0 +1,480 @@
+"""The Hessian spectrum of a larger network, from Hessian-vector products only.
+
+    python -m experiments.spectrum         # MLP 64-300-300-10 on digits, P = 112,810
+    python -m experiments.spectrum --snapshots=0,100,500 --hvp_batch_size=256
+    python -m experiments.spectrum --widths=16 --n_points=256 --out_dir=runs/spectrum_small
+        # P = 1,210: --compare_dense is on by default (P <= 3000) and draws the exact
+        # eigenvalues over the SLQ density
+
+Protocol: one init (fold_in(PRNGKey(seed), init_id)), full-batch training with the flags of
+experiments/common.py, and at each snapshot step (initialization, mid-training, end by default)
+the full-data Hessian H of the training loss as an HVP operator (forward-over-reverse, float64;
+one shared linearization, or summed over data batches with --hvp_batch_size), analysed by
+crit.krylov.krylov_spectrum: the extremal eigenvalues from one Lanczos run with convergence
+flags, and stochastic Lanczos quadrature (SLQ; Ghorbani et al. 2019) with --slq_probes
+Rademacher probes of --lanczos_steps steps: spectral densities (linear and log|λ|) and the
+fractions of positive / negative / null eigenvalues with intervals (crit.slq.slq_fractions).
+
+Outputs in --out_dir: spectrum.csv (one row per snapshot), spectrum.npz (SLQ nodes, weights,
+Ritz values, the training curve, a tolerance sweep, exact eigenvalues when dense),
+spectrum_density.png/.pdf, spectrum_summary.png/.pdf, config.json.
+
+The minimum ratio at the default tolerance τ = P·ε·max|λ| asks for the sign of eigenvalues
+down to ~1e-11·‖H‖, far below what m Lanczos steps resolve (~‖H‖/m²) when a bulk sits near
+zero, so its interval is honestly wide; the tolerance sweep in spectrum.npz (and printed)
+shows the fractions at coarser τ, where SLQ does resolve them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from crit import store
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("out_dir", "runs/spectrum", "Results directory.")
+flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
+                  "--out_dir.")
+flags.DEFINE_integer("seed", 0, "Root seed; the init is fold_in(PRNGKey(seed), init_id).")
+flags.DEFINE_integer("init_id", 0, "Which initialization to follow.")
+flags.DEFINE_string("snapshots", "0,mid,end", "Training steps at which to take the spectrum: "
+                    "comma-separated integers in [0, --train_steps] and/or 'mid' "
+                    "(train_steps // 2) and 'end' (train_steps).")
+flags.DEFINE_integer("lanczos_steps", 90, "Lanczos steps per run (m; Ghorbani et al. use 90).")
+flags.DEFINE_integer("slq_probes", 4, "SLQ Rademacher probes (n_v >= 2 for a standard error).")
+flags.DEFINE_integer("num_eigs", 5, "Extremal Ritz values reported at each end (k).")
+flags.DEFINE_integer("hvp_batch_size", 0, "Data rows per HVP batch (exact n_b/N weights); 0: "
+                     "all data at once through one shared linearization (fastest).")
+flags.DEFINE_integer("probe_batch", 0, "Lanczos runs at once (0: all --slq_probes + 1); lower "
+                     "it to bound memory, (runs at once)·m·P floats, for very large P.")
+flags.DEFINE_bool("compare_dense", None, "Also compute the exact eigenvalues (dense Hessian + "
+                  "eigvalsh) and draw them over the SLQ density. Default: on iff P <= 3000.")
+flags.DEFINE_float("tol_scale", 1.0, "τ = tol_scale·P·ε·max|θ| when --eig_tol is not set.")
+flags.DEFINE_float("z", 2.0, "Standard errors added to each side of the fraction intervals.")
+flags.DEFINE_float("density_sigma", 0.0, "Gaussian kernel width of the linear density, "
+                   "absolute (0: sqrt(1e-5)·(θmax − θmin)/2, Ghorbani et al.).")
+flags.DEFINE_float("log_sigma", 0.05, "Kernel width of the log10|λ| density, in decades.")
+
+# Defaults of the shared flags for this app: a P >= 1e5 network that runs in minutes.
+for _name, _value in (("dataset", "digits"), ("widths", "300,300"), ("n_points", 1024),
+                      ("train_steps", 500), ("learning_rate", 1e-3), ("log_every", 10)):
+    FLAGS.set_default(_name, _value)
+
+AUTO_DENSE_MAX_P = 3000
+DENSE_LIMIT_P = 20000  # a P x P float64 Hessian of 3.2 GB; eigvalsh takes many minutes
+SWEEP_REL_TOLS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # τ / max|θ| for the tolerance sweep
+OUTPUTS = ("spectrum.csv", "spectrum.npz")
+CSV_COLUMNS = ("step", "loss", "grad_norm", "lambda_min", "lambda_max", "lambda_min_converged",
+               "lambda_max_converged", "min_ratio", "min_ratio_lo", "min_ratio_hi", "index",
+               "index_lo", "index_hi", "null_fraction", "null_fraction_lo",
+               "null_fraction_hi", "tolerance", "num_matvecs", "seconds",
+               "exact_min_ratio", "exact_index", "exact_null_fraction", "exact_lambda_min",
+               "exact_lambda_max")
+# The results directory accepts only files crit writes; register this app's data files.
+store.OWNED_NAMES.update(OUTPUTS)
+
+
+def parse_snapshots(text: str, train_steps: int) -> list[int]:
+    """'0,mid,end' -> sorted unique steps; raises ValueError naming --snapshots."""
+    steps = []
+    for token in (t.strip() for t in text.split(",")):
+        if token == "mid":
+            steps.append(train_steps // 2)
+        elif token == "end":
+            steps.append(train_steps)
+        else:
+            try:
+                step = int(token)
+            except ValueError:
+                raise ValueError(f"--snapshots={text!r}: {token!r} is not an integer, 'mid' "
+                                 "or 'end'") from None
+            if not 0 <= step <= train_steps:
+                raise ValueError(f"--snapshots={text!r}: step {step} is outside [0, "
+                                 f"--train_steps={train_steps}]")
+            steps.append(step)
+    return sorted(set(steps))
+
+
+def validate() -> None:
+    """Every flag checked before any compute; raises app.UsageError listing all problems."""
+    errors = common.problem_errors()
+    try:
+        parse_snapshots(FLAGS.snapshots, max(FLAGS.train_steps, 0))
+    except ValueError as exc:
+        errors.append(str(exc))
+    if FLAGS.lanczos_steps < 2:
+        errors.append(f"--lanczos_steps={FLAGS.lanczos_steps}: must be >= 2")
+    if FLAGS.slq_probes < 1:
+        errors.append(f"--slq_probes={FLAGS.slq_probes}: must be >= 1")
+    if not 1 <= FLAGS.num_eigs <= max(FLAGS.lanczos_steps, 1):
+        errors.append(f"--num_eigs={FLAGS.num_eigs}: must be in [1, --lanczos_steps]")
+    for name in ("hvp_batch_size", "probe_batch", "init_id"):
+        if getattr(FLAGS, name) < 0:
+            errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
+    for name in ("tol_scale", "log_sigma"):
+        value = getattr(FLAGS, name)
+        if not (math.isfinite(value) and value > 0):
+            errors.append(f"--{name}={value}: must be a finite number > 0")
+    for name in ("z", "density_sigma"):
+        value = getattr(FLAGS, name)
+        if not (math.isfinite(value) and value >= 0):
+            errors.append(f"--{name}={value}: must be a finite number >= 0")
+    out = Path(FLAGS.out_dir)
+    if out.exists() and not out.is_dir():
+        errors.append(f"--out_dir={out}: is a file, not a directory")
+    if errors:
+        raise app.UsageError("\n".join(errors))
+
+
+def compare_dense(n_params: int) -> bool:
+    """--compare_dense resolved against P; refuses a dense Hessian that cannot fit."""
+    want = FLAGS.compare_dense if FLAGS.compare_dense is not None else n_params <= AUTO_DENSE_MAX_P
+    if want and n_params > DENSE_LIMIT_P:
+        raise app.UsageError(f"--compare_dense: P = {n_params} parameters is too many for a "
+                             f"dense Hessian (limit {DENSE_LIMIT_P}); drop the flag")
+    return want
+
+
+def run_config(problem, snapshots, dense: bool) -> dict:
+    """config.json: the fingerprint (everything that changes numbers) and the rest."""
+    protocol = {name: getattr(FLAGS, name) for name in (
+        "dataset", "n_points", "data_seed", "dim_in", "dim_out", "widths", "activation",
+        "use_bias", "loss", "l2", "optimizer", "learning_rate", "momentum", "train_steps",
+        "train_dtype", "seed", "init_id", "lanczos_steps", "slq_probes", "num_eigs",
+        "hvp_batch_size", "eig_tol", "tol_scale", "z")}
+    protocol.update(problem=problem.name, loss=problem.loss_name, snapshots=snapshots,
+                    compare_dense=dense)
+    module_flags = FLAGS.get_flags_for_module(sys.modules[__name__])
+    return {"experiment": "spectrum", "protocol": protocol,
+            "flags": {f.name: f.value for f in module_flags}
+            | {f.name: f.value for f in FLAGS.get_flags_for_module(common)},
+            "n_params": problem.n_params, "n_train": problem.dataset.n_train,
+            "environment": common.environment()}
+
+
+def train_with_snapshots(problem, snapshots: list[int]):
+    """Train once; return flat float64 parameters at each snapshot step and per-step curves.
+
+    One ``lax.scan`` over all steps (one compilation); the optimizer state carries over, so
+    the snapshots lie on the same trajectory as an uninterrupted run.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.flatten_util import ravel_pytree
+
+    from crit.protocol import init_key
+    from crit.train import cast_params, make_optimizer, tree_norm
+
+    dtype = jnp.float32 if FLAGS.train_dtype == "float32" else jnp.float64
+    params = cast_params(problem.init_fn(init_key(FLAGS.seed, FLAGS.init_id)), dtype)
+    theta0, unravel = ravel_pytree(params)
+    opt = make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum)
+    steps = jnp.asarray(snapshots)
+    value_and_grad = jax.value_and_grad(problem.loss_fn)
+
+    @jax.jit
+    def run(p):
+        def step(carry, i):
+            p, state, buf = carry
+            flat = ravel_pytree(p)[0]
+            buf = jnp.where((steps == i)[:, None], flat[None].astype(buf.dtype), buf)
+            loss, g = value_and_grad(p)
+            updates, state = opt.update(g, state, p)
+            return (optax.apply_updates(p, updates), state, buf), (loss, tree_norm(g))
+
+        buf = jnp.zeros((len(snapshots), theta0.size), jnp.float64)
+        (p, _, buf), (loss, gnorm) = jax.lax.scan(step, (p, opt.init(p), buf),
+                                                  jnp.arange(FLAGS.train_steps))
+        flat = ravel_pytree(p)[0].astype(jnp.float64)
+        buf = jnp.where((steps == FLAGS.train_steps)[:, None], flat[None], buf)
+        return buf, loss, gnorm
+
+    buf, loss, gnorm = run(params)
+    return np.asarray(buf), np.asarray(loss, np.float64), np.asarray(gnorm, np.float64)
+
+
+GRID_POINTS = 2000
+LOG_GRID_POINTS = 600
+
+
+def make_analysis(problem):
+    """theta -> dict of results at one snapshot, compiled once for all snapshots.
+
+    Keys: loss, grad_norm, spec (KrylovSpectrum), the densities (``grid``, ``density``;
+    ``log_grid``, ``log_density_pos``, ``log_density_neg``) and the tolerance sweep
+    (``sweep_<fraction>_<mean|lo|hi>``, one value per entry of SWEEP_REL_TOLS).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from crit.hessian import full_batch_hvp_operator, hvp_operator
+    from crit.krylov import krylov_spectrum
+    from crit.protocol import init_key
+    from crit.slq import slq_density, slq_fractions, slq_log_density
+    from crit.train import cast_params
+
+    template = cast_params(problem.init_fn(jax.random.PRNGKey(0)), jnp.float64)
+    unravel = ravel_pytree(template)[1]
+    key = jax.random.fold_in(init_key(FLAGS.seed, FLAGS.init_id), 1)
+    x, y = jnp.asarray(problem.dataset.x_train), jnp.asarray(problem.dataset.y_train)
+    rel_tols = jnp.asarray(SWEEP_REL_TOLS)
+
+    @jax.jit
+    def analyse(theta):
+        params = unravel(theta)
+        loss = problem.loss_fn(params)
+        if FLAGS.hvp_batch_size:
+            grad, matvec = full_batch_hvp_operator(problem.batch_loss_fn, params, x, y,
+                                                   FLAGS.hvp_batch_size)
+        else:
+            grad, matvec = hvp_operator(problem.loss_fn, params)
+        spec = krylov_spectrum(matvec, key, theta.size, num_steps=FLAGS.lanczos_steps,
+                               num_probes=FLAGS.slq_probes, k=FLAGS.num_eigs,
+                               tol=FLAGS.eig_tol, z=FLAGS.z, tol_scale=FLAGS.tol_scale,
+                               probe_batch=FLAGS.probe_batch or None)
+        out = dict(loss=loss, grad_norm=jnp.linalg.norm(grad), spec=spec)
+        lo, hi = spec.lambda_min, spec.lambda_max
+        pad = 0.05 * (hi - lo)
+        out["grid"] = jnp.linspace(lo - pad, hi + pad, GRID_POINTS)
+        out["density"] = slq_density(spec.slq, out["grid"], FLAGS.density_sigma or None)
+        tau = spec.tolerance
+        top = jnp.log10(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+        start = jnp.where(tau > 0, jnp.log10(jnp.where(tau > 0, tau, 1.0)), top - 14.0)
+        out["log_grid"] = jnp.linspace(start, top + 0.5, LOG_GRID_POINTS)
+        for sign, name in ((1, "pos"), (-1, "neg")):
+            out["log_density_" + name] = slq_log_density(
+                spec.slq, out["log_grid"], sign=sign, tol=tau, sigma=FLAGS.log_sigma)
+        scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        sweep = jax.vmap(lambda r: slq_fractions(spec.slq, r * scale, z=FLAGS.z))(rel_tols)
+        for name, est in (("min_ratio", sweep.positive), ("index", sweep.negative),
+                          ("null_fraction", sweep.null)):
+            for part in ("mean", "lo", "hi"):
+                out[f"sweep_{name}_{part}"] = getattr(est, part)
+        return out
+
+    return analyse, unravel
+
+
+def make_dense(problem, unravel):
+    """theta -> all P exact eigenvalues (dense Hessian, compiled once; numpy eigvalsh)."""
+    import jax
+
+    from crit.hessian import dense_hessian
+
+    hessian = jax.jit(lambda t: dense_hessian(problem.loss_fn, unravel(t)))
+    return lambda theta: np.linalg.eigvalsh(np.asarray(hessian(theta)))
+
+
+def density_figure(out_dir, rows, n_params, title) -> None:
+    """Per snapshot: the SLQ density (linear λ, log-scaled axis) and the log10|λ| density."""
+    import matplotlib.pyplot as plt
+
+    from crit.plots import save_figure
+
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.9 * len(rows)), squeeze=False)
+    for (ax_lin, ax_log), row in zip(axes, rows):
+        spec, eigs = row["spec"], row.get("eigs")
+        lo, hi = float(spec.lambda_min), float(spec.lambda_max)
+        grid, dens = row["grid"], row["density"]
+        ax_lin.semilogy(grid, np.maximum(dens, 1e-12), color="tab:blue", lw=1.0,
+                        label=f"SLQ ({FLAGS.slq_probes} probes × {FLAGS.lanczos_steps} steps)")
+        if eigs is not None:
+            ax_lin.hist(eigs, bins=120, density=True, color="tab:gray", alpha=0.5,
+                        label=f"exact eigenvalues (P = {n_params})", log=True)
+        ax_lin.axvline(0.0, color="k", lw=0.5)
+        ax_lin.set_ylim(bottom=max(1e-8, float(np.max(dens)) * 1e-9))
+        ax_lin.set_xlabel("λ")
+        ax_lin.set_ylabel("density")
+        ax_lin.legend(fontsize=7, loc="upper right")
+        ax_lin.set_title(
+            f"step {row['step']}: loss {row['loss']:.3g}, λ ∈ [{lo:.3g}, {hi:.3g}], min ratio "
+            f"{float(spec.min_ratio):.3f} [{float(spec.min_ratio_lo):.3f}, "
+            f"{float(spec.min_ratio_hi):.3f}]", fontsize=8)
+        tau = float(spec.tolerance)
+        log_grid = row["log_grid"]
+        for sign, color in ((1, "tab:red"), (-1, "tab:green")):
+            d = row["log_density_pos" if sign > 0 else "log_density_neg"]
+            label = f"SLQ, λ {'>' if sign > 0 else '<'} {'' if sign > 0 else '−'}τ"
+            ax_log.plot(log_grid, d, color=color, lw=1.0, label=label)
+            if eigs is not None:
+                sel = sign * eigs > tau
+                if sel.any():
+                    ax_log.hist(np.log10(sign * eigs[sel]), bins=60, range=(log_grid[0],
+                                log_grid[-1]), weights=np.full(sel.sum(), 1.0 / eigs.size)
+                                / ((log_grid[-1] - log_grid[0]) / 60), color=color,
+                                alpha=0.25,
+                                label=f"exact, {'positive' if sign > 0 else 'negative'}")
+        ax_log.set_xlabel("log10 |λ|   (left edge: τ)")
+        ax_log.set_ylabel("fraction per decade")
+        ax_log.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_dir, "spectrum_density")
+
+
+def summary_figure(out_dir, table, title) -> None:
+    """Minimum ratio with its interval, and the extremal eigenvalues, against the step."""
+    import matplotlib.pyplot as plt
+
+    from crit.plots import save_figure
+
+    step = np.asarray(table["step"], float)
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
+    shift = 0.012 * max(np.ptp(step), 1.0)  # side by side, so the intervals do not overlap
+    for j, (name, color) in enumerate((("min_ratio", "tab:blue"), ("index", "tab:red"),
+                                       ("null_fraction", "tab:gray"))):
+        x = step + (j - 1) * shift
+        mid = np.asarray(table[name])
+        err = [mid - np.asarray(table[name + "_lo"]), np.asarray(table[name + "_hi"]) - mid]
+        ax_r.errorbar(x, mid, yerr=err, fmt="o-", color=color, capsize=3, ms=4,
+                      label=f"{name} (SLQ, interval)")
+        exact = np.asarray(table["exact_" + name])
+        if np.isfinite(exact).any():
+            ax_r.plot(x, exact, "x", color=color, ms=8, label=f"{name} (exact)")
+    ax_r.set_ylim(-0.02, 1.02)
+    ax_r.set_xlabel("training step")
+    ax_r.set_ylabel("fraction of eigenvalues")
+    ax_r.legend(fontsize=7)
+    ax_r.grid(alpha=0.3)
+    for name, color in (("lambda_max", "tab:blue"), ("lambda_min", "tab:red")):
+        ax_l.plot(step, table[name], "o-", color=color, label=f"{name} (Lanczos)")
+        exact = np.asarray(table["exact_" + name])
+        if np.isfinite(exact).any():
+            ax_l.plot(step, exact, "x", color="k", ms=8, label=f"{name} (exact)")
+    ax_l.set_yscale("symlog", linthresh=1e-3)
+    ax_l.set_xlabel("training step")
+    ax_l.set_ylabel("extremal eigenvalue")
+    ax_l.legend(fontsize=7)
+    ax_l.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_dir, "spectrum_summary")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    validate()
+    problem = common.problem_from_flags()
+    dense = compare_dense(problem.n_params)
+    snapshots = parse_snapshots(FLAGS.snapshots, FLAGS.train_steps)
+    out_dir = Path(FLAGS.out_dir)
+    try:
+        resuming = store.prepare_out_dir(out_dir, run_config(problem, snapshots, dense),
+                                         FLAGS.overwrite)
+    except store.ResultsDirError as exc:
+        raise app.UsageError(str(exc)) from None
+    print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
+          f"points; snapshots at steps {snapshots}; {FLAGS.slq_probes} SLQ probes + 1 extremal "
+          f"run × {FLAGS.lanczos_steps} Lanczos steps; dense comparison "
+          f"{'on' if dense else 'off'}" + ("; same configuration found, recomputing"
+                                           if resuming else ""), flush=True)
+    import jax
+
+    from crit.spectrum import classify_spectrum
+
+    t0 = time.time()
+    thetas, curve_loss, curve_grad = train_with_snapshots(problem, snapshots)
+    print(f"trained {FLAGS.train_steps} steps in {time.time() - t0:.1f}s", flush=True)
+    analyse, unravel = make_analysis(problem)
+    t1 = time.time()
+    analyse = analyse.lower(thetas[0]).compile()
+    print(f"compiled the analysis in {time.time() - t1:.1f}s", flush=True)
+    dense_eigs = make_dense(problem, unravel) if dense else None
+    rows = []
+    for step, theta in zip(snapshots, thetas):
+        t1 = time.time()
+        out = jax.tree.map(np.asarray, analyse(theta))
+        spec = out.pop("spec")
+        row = dict(out, step=step, loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                   spec=spec, seconds=time.time() - t1)
+        if dense_eigs is not None:
+            row["eigs"] = dense_eigs(theta)
+            row["exact"] = classify_spectrum(row["eigs"], float(spec.tolerance))
+        rows.append(row)
+        line = (f"step {step:>6}: loss {row['loss']:.4g}, ‖g‖ {row['grad_norm']:.2e}, "
+                f"λ_min {float(spec.lambda_min):.6g}{'' if spec.lambda_min_converged else '?'}, "
+                f"λ_max {float(spec.lambda_max):.6g}{'' if spec.lambda_max_converged else '?'}, "
+                f"min ratio {float(spec.min_ratio):.4f} [{float(spec.min_ratio_lo):.4f}, "
+                f"{float(spec.min_ratio_hi):.4f}], index {float(spec.index):.4f} "
+                f"[{float(spec.index_lo):.4f}, {float(spec.index_hi):.4f}], τ = "
+                f"{float(spec.tolerance):.2e}, {int(spec.num_matvecs)} HVPs, "
+                f"{row['seconds']:.1f}s")
+        if dense_eigs is not None:
+            ex = row["exact"]
+            inside = float(spec.min_ratio_lo) <= float(ex.min_ratio) <= float(spec.min_ratio_hi)
+            line += (f"\n        exact: min ratio {float(ex.min_ratio):.4f} "
+                     f"({'inside' if inside else 'OUTSIDE'} the interval), λ ∈ "
+                     f"[{float(ex.lambda_min):.6g}, {float(ex.lambda_max):.6g}]")
+        print(line, flush=True)
+    write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad)
+    print(tolerance_table(rows))
+    print(f"wrote {out_dir}/spectrum.csv, spectrum.npz, spectrum_density.png/.pdf, "
+          f"spectrum_summary.png/.pdf, config.json ({time.time() - t0:.0f}s)")
+
+
+def write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad) -> None:
+    nan = float("nan")
+    table = {c: [] for c in CSV_COLUMNS}
+    for row in rows:
+        spec, ex = row["spec"], row.get("exact")
+        values = dict(step=row["step"], loss=row["loss"], grad_norm=row["grad_norm"],
+                      seconds=row["seconds"], num_matvecs=int(spec.num_matvecs),
+                      tolerance=float(spec.tolerance),
+                      lambda_min_converged=bool(spec.lambda_min_converged),
+                      lambda_max_converged=bool(spec.lambda_max_converged))
+        for name in ("lambda_min", "lambda_max", "min_ratio", "min_ratio_lo", "min_ratio_hi",
+                     "index", "index_lo", "index_hi", "null_fraction", "null_fraction_lo",
+                     "null_fraction_hi"):
+            values[name] = float(getattr(spec, name))
+        for name in ("min_ratio", "index", "null_fraction", "lambda_min", "lambda_max"):
+            values["exact_" + name] = float(getattr(ex, name)) if ex is not None else nan
+        for c in CSV_COLUMNS:
+            table[c].append(values[c])
+    store.write_csv(out_dir / "spectrum.csv", {c: np.asarray(v) for c, v in table.items()})
+    stack = lambda name: np.stack([np.asarray(getattr(r["spec"], name)) for r in rows])  # noqa
+    arrays = {
+        "step": np.asarray(snapshots), "n_params": np.asarray(problem.n_params),
+        "nodes": stack("nodes"), "weights": stack("weights"),
+        "node_residuals": stack("node_residuals"), "node_valid": stack("node_valid"),
+        "ritz_largest": stack("largest"), "ritz_largest_residuals": stack("largest_residuals"),
+        "ritz_smallest": stack("smallest"),
+        "ritz_smallest_residuals": stack("smallest_residuals"),
+        "tolerance": stack("tolerance"), "train_step": np.arange(len(curve_loss)),
+        "train_loss": curve_loss, "train_grad_norm": curve_grad,
+        "sweep_rel_tol": np.asarray(SWEEP_REL_TOLS)}
+    for key in [k for k in rows[0] if k.startswith(("sweep_", "grid", "density", "log_"))]:
+        arrays[key] = np.stack([r[key] for r in rows])
+    if "eigs" in rows[0]:
+        arrays["exact_eigenvalues"] = np.stack([r["eigs"] for r in rows])
+    store.atomic_save_npz(out_dir / "spectrum.npz", arrays)
+    title = (f"{problem.name}, P = {problem.n_params:,}, Hessian of the full-data loss by HVPs; "
+             f"τ = {'P·ε·max|θ|' if FLAGS.eig_tol is None else FLAGS.eig_tol}")
+    density_figure(out_dir, rows, problem.n_params, title)
+    summary_figure(out_dir, table, title)
+
+
+def tolerance_table(rows) -> str:
+    lines = ["minimum ratio [interval] at coarser tolerances τ = r·max|λ|:",
+             "| step | " + " | ".join(f"r = {r:g}" for r in SWEEP_REL_TOLS) + " |",
+             "|---|" + "---|" * len(SWEEP_REL_TOLS)]
+    for row in rows:
+        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+                 zip(row["sweep_min_ratio_mean"], row["sweep_min_ratio_lo"],
+                     row["sweep_min_ratio_hi"])]
+        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)
