@@ -17,9 +17,6 @@ from crit import escape, toy
 from crit.hessian import dense_hessian
 from crit.problems import mlp_problem
 
-# Opt-in (pytest --runslow): written this session, not yet timed and verified in CI.
-pytestmark = pytest.mark.slow
-
 
 STARTS = np.array([[1.5, 0.15], [-1.2, -0.1], [0.6, 0.35], [0.01, -0.02]])
 

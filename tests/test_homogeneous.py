@@ -9,9 +9,6 @@ import pytest
 import crit  # noqa: F401  (float64)
 from crit import homogeneous as hv
 
-# Opt-in (pytest --runslow): written this session, not yet timed and verified in CI.
-pytestmark = pytest.mark.slow
-
 
 
 def tiny_data(n=30, d=2, seed=0):

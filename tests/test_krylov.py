@@ -13,9 +13,6 @@ from crit.slq import slq
 from crit.spectrum import classify_spectrum, default_tolerance
 from crit.train import make_optimizer, train
 
-# Opt-in (pytest --runslow): written this session, not yet timed and verified in CI.
-pytestmark = pytest.mark.slow
-
 
 PROBLEM = mlp_problem("gaussian", widths=(16, 16), n_points=128, dim_in=8)
 STEPS, PROBES, K = 150, 8, 3

@@ -13,9 +13,6 @@ from crit.problems import mlp_problem
 from crit.toy import quadratic_saddle
 from crit.train import make_optimizer, train
 
-# Opt-in (pytest --runslow): written this session, not yet timed and verified in CI.
-pytestmark = pytest.mark.slow
-
 
 N = 60
 # Indefinite and nonsingular; the same with 10 exact zeros (singular).

@@ -14,9 +14,6 @@ from crit.problems import mlp_problem
 from crit.spectrum import exact_spectrum
 from crit.train import make_optimizer, train
 
-# Opt-in (pytest --runslow): written this session, not yet timed and verified in CI.
-pytestmark = pytest.mark.slow
-
 
 
 # ----------------------------------------------------------------------------- toys
@@ -51,6 +48,15 @@ def test_quadratic_saddle_found_from_every_start():
     np.testing.assert_allclose(found.eigenvalues, [[-2.0, 10.0]] * 5, rtol=1e-12)
     assert np.all(found.n_neg == 1) and np.all(found.n_pos == 1) and np.all(found.n_null == 0)
     np.testing.assert_allclose(found.start_loss, 5 * starts[:, 0] ** 2 - starts[:, 1] ** 2)
+
+
+def test_gradient_norm_prestage_then_newton():
+    """With a ½‖g‖² stage first, Newton still certifies the quadratic saddle."""
+    starts = jnp.asarray([[0.5, -1.0], [2.0, 1.0]])
+    found = saddles.find_critical_points(toy.quadratic_saddle, starts, prefind_steps=10,
+                                         prefind_lr=1e-2)
+    assert np.all(found.status == CRITICAL) and np.all(found.n_neg == 1)
+    np.testing.assert_allclose(found.params, 0.0, atol=1e-12)
 
 
 def test_chunk_size_never_changes_results():
