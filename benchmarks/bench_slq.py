@@ -249,6 +249,8 @@ def part_scaling(max_width: int, dense_max_params: int, timeout: int):
                     else "dense (P HVPs + eigvalsh)")
             ratio = (f"{r['min_ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
                      if method == "krylov" else "-")
+            if method == "krylov" and not r["converged"]:
+                ratio += " (extremal Ritz values not converged)"
             comp = "incl." if r["compile_s"] != r["compile_s"] else f"{r['compile_s']:.1f}"
             print(f"| {r['P']:,} | {name} | {r['seconds']:.1f} ({comp}) | "
                   f"{r['peak_rss_gb']:.2f} | {r['lambda_min']:.6g} / {r['lambda_max']:.6g} | "

@@ -10,9 +10,15 @@ start and lifted with ``vmap``:
    ``snapshot_every`` steps: early snapshots sit high on the landscape (near high-index
    saddles), late ones near minima. Each snapshot is also copied with isotropic Gaussian
    noise θ + s·ξ, ξ ~ N(0, I_P), for each chosen scale s, to reach points off the trajectory.
-2. **Refinement** (:func:`refine_and_certify`). Levenberg–Marquardt on g = 0 with the exact
-   Hessian and a per-step damping grid (:func:`crit.critical.newton_critical_point`), then the
-   exact spectrum (``eigvalsh`` of the dense Hessian) and the certificate
+   Optionally (``init_transform`` = :func:`mask_hidden_units`, masks from
+   :func:`reduced_net_masks`) an init trains only some of its hidden units, the others held at
+   exactly zero: the smaller net's critical points are saddles of the full net whose index grows
+   with the number of zero units (Fukumizu & Amari 2000) -- without them, starts near training
+   trajectories mostly refine to minima.
+2. **Refinement** (:func:`refine_and_certify`). Optionally a few Adam steps on ½‖g‖² (cheap: one
+   HVP each), then Levenberg–Marquardt on g = 0 with the exact Hessian and a per-step damping
+   grid (:func:`crit.critical.newton_critical_point`), then the exact spectrum (``eigvalsh`` of
+   the dense Hessian) and the certificate
    (:func:`crit.critical.certify`): *critical* iff ‖g‖ ≤ grad_tol. Every start keeps its row
    and its status; :func:`status_counts` tallies them (nothing is dropped silently).
    :func:`find_critical_points` runs fixed-size chunks of starts through one compiled
@@ -21,6 +27,8 @@ start and lifted with ``vmap``:
    -- same loss and same sorted spectrum within relative tolerances and, for MLPs, the same
    parameters up to the network's discrete symmetries -- are merged into one point with a
    multiplicity.
+
+:func:`critical_point_search` chains the three steps and returns every start with its status.
 
 Symmetries of an MLP (Chen, Lu & Hecht-Nielsen 1993): permuting the units of a hidden layer
 (columns of its kernel and bias, rows of the next kernel) leaves the function unchanged; for an
@@ -38,6 +46,8 @@ A. M. Chen, H. Lu, R. Hecht-Nielsen, "On the geometry of feedforward neural netw
 surfaces", Neural Computation 5 (1993) (the permutation / sign-flip group).
 C. G. Frye, J. Simon, N. S. Wadia, A. Ligeralde, M. R. DeWeese, K. E. Bouchard, "Critical point-
 finding methods reveal gradient-flat regions of deep network losses", Neural Computation (2021).
+K. Fukumizu and S. Amari, "Local minima and plateaus in hierarchical structures of multilayer
+perceptrons", Neural Networks 13 (2000) (critical points of smaller nets embedded in larger ones).
 """
 
 from __future__ import annotations

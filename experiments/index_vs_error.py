@@ -1,6 +1,7 @@
-"""Index vs error at certified critical points of every index, beside Bray–Dean and Pennington–Bahri.
+"""Index vs error at certified critical points of every index, beside Bray–Dean and
+Pennington–Bahri.
 
-    python -m experiments.index_vs_error                         # digits + gaussian, φ 0.25/0.5/0.75
+    python -m experiments.index_vs_error                  # digits + gaussian, φ 0.25/0.5/0.75
     python -m experiments.index_vs_error --datasets=gaussian --phis=0.1,0.3,0.5,0.7 \\
         --gaussian_width=8 --dim_in=8 --out_dir=runs/pb
 
@@ -203,7 +204,6 @@ def point_metrics(problem, params) -> tuple[np.ndarray, np.ndarray]:
 
 def search(cfg: dict) -> dict:
     """Run the saddle search on one configuration; per-start and per-unique-point arrays."""
-    import jax
     import jax.numpy as jnp
     from crit import saddles
     from crit.train import make_optimizer
@@ -569,7 +569,8 @@ def summary(fits: list[dict]) -> str:
         tag = f"{f['dataset']} φ={f['phi']:.3g}"
         if "slope" in bd:
             lines.append(f"{tag}: Bray–Dean α = F(s(x − x½)) on x = {bd['x']}: s = "
-                         f"{bd['slope']:.3g}, x½ = {bd['energy_half']:.4g}, rms {bd['residual_rms']:.3f}")
+                         f"{bd['slope']:.3g}, x½ = {bd['energy_half']:.4g}, "
+                         f"rms {bd['residual_rms']:.3f}")
         else:
             lines.append(f"{tag}: Bray–Dean not fitted ({bd['skipped']})")
         pb = f.get("pennington_bahri")

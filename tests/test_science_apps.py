@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUSES = {"critical", "not_converged", "gradient_flat", "diverged"}
-TINY_SEARCH = ["--num_inits=3", "--train_steps=60", "--snapshot_every=30", "--prefind_steps=20",
-               "--finder_steps=8"]
+TINY_SEARCH = ["--num_inits=3", "--train_steps=60", "--snapshot_every=30", "--prefind_steps=0",
+               "--finder_steps=8"]  # no ½‖g‖² stage: one compile less (tested in test_saddles)
 
 
 def run_app(module, *args, check=True):
@@ -80,17 +80,13 @@ def test_index_vs_error_files_and_columns(ive_run):
     assert "normalization" in proc.stdout and "status counts" in proc.stdout
 
 
-@pytest.mark.parametrize("flag, text", [
-    ("--phis=0.5,1.5", "--phis"),
-    ("--datasets=mnist", "--datasets"),
-    ("--snapshot_every=7", "--snapshot_every"),
-    ("--widths=4", "--widths"),
-])
-def test_index_vs_error_bad_flags(tmp_path, flag, text):
+def test_index_vs_error_bad_flags_all_named_before_compute(tmp_path):
     out = tmp_path / "bad"
-    proc = run_app("index_vs_error", flag, f"--out_dir={out}", check=False)
+    proc = run_app("index_vs_error", "--phis=0.5,1.5", "--datasets=mnist", "--snapshot_every=7",
+                   "--widths=4", "--eig_rtol=-1", f"--out_dir={out}", check=False)
     assert proc.returncode != 0
-    assert text in proc.stderr
+    for text in ("--phis", "--datasets", "--snapshot_every", "--widths", "--eig_rtol"):
+        assert text in proc.stderr, text
     assert not out.exists()
 
 
@@ -104,11 +100,12 @@ def test_minima_vs_size_files_and_columns(tmp_path):
                  "minima_vs_size.png", "minima_vs_size.pdf"):
         assert (out / name).stat().st_size > 0, name
     sizes = read_rows(out / "sizes.csv")
-    assert [int(r["width"]) for r in sizes] == [2] and int(sizes[0]["n_params"]) == 7
+    p_count = 2 * 4 + 2 + 2 + 1  # default --dataset=gaussian --dim_in=4, one output
+    assert [int(r["width"]) for r in sizes] == [2] and int(sizes[0]["n_params"]) == p_count
     row = sizes[0]
     assert int(row["n_starts"]) == 3 * 3
     assert sum(int(row[s]) for s in STATUSES) == int(row["n_starts"])
-    assert float(row["coin_probability"]) == pytest.approx(2.0 ** -7)
+    assert float(row["coin_probability"]) == pytest.approx(2.0 ** -p_count)
     starts = read_rows(out / "starts.csv")
     assert len(starts) == 9 and {r["status"] for r in starts} <= STATUSES
     points = read_rows(out / "points.csv")
@@ -120,15 +117,11 @@ def test_minima_vs_size_files_and_columns(tmp_path):
     assert "2^-P" in proc.stdout
 
 
-@pytest.mark.parametrize("flag, text", [
-    ("--widths_list=4,0", "--widths_list"),
-    ("--widths=4", "--widths"),
-    ("--noise_scales=-1", "--noise_scales"),
-    ("--num_inits=0", "--num_inits"),
-])
-def test_minima_vs_size_bad_flags(tmp_path, flag, text):
+def test_minima_vs_size_bad_flags_all_named_before_compute(tmp_path):
     out = tmp_path / "bad"
-    proc = run_app("minima_vs_size", flag, f"--out_dir={out}", check=False)
+    proc = run_app("minima_vs_size", "--widths_list=4,0", "--widths=4", "--noise_scales=-1",
+                   "--num_inits=0", f"--out_dir={out}", check=False)
     assert proc.returncode != 0
-    assert text in proc.stderr
+    for text in ("--widths_list", "--widths:", "--noise_scales", "--num_inits"):
+        assert text in proc.stderr, text
     assert not out.exists()
