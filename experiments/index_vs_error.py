@@ -84,7 +84,6 @@ FLAGS.set_default("l2", 1e-3)  # finite minima: without it tanh nets on noise dr
 FLAGS.set_default("train_steps", 6000)  # digits nets need it to get near minima
 
 OUTPUTS = ("points.csv", "starts.csv", "spectra.npz", "fits.json")
-store.OWNED_NAMES.update(OUTPUTS)
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 #: Shared flags that describe a single problem; this app builds its own, so they are refused.
 NOT_APPLICABLE = {"dataset": "--datasets", "widths": "--digits_width / --gaussian_width",
@@ -519,7 +518,8 @@ def main(argv):
     configs = configurations()
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(configs), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(configs), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     results = []
@@ -548,9 +548,6 @@ def main(argv):
     index_figure(results, fits, out_dir)
     spectra_figure(results, out_dir)
     pennington_bahri_figure(results, fits, out_dir)
-    folder = out_dir / store.CHUNK_DIR  # made by prepare_out_dir; this app writes no chunks
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
     print(summary(fits))
     print(f"wrote {out_dir}/points.csv, starts.csv, spectra.npz, fits.json, index_vs_error, "
           f"spectra_histograms, pennington_bahri (.png/.pdf); {time.time() - t_start:.0f}s")

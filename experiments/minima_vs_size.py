@@ -79,7 +79,6 @@ FLAGS.set_default("l2", 1e-3)  # finite, non-degenerate critical points
 FLAGS.set_default("train_steps", 10000)
 
 OUTPUTS = ("sizes.csv", "points.csv", "starts.csv", "spectra.npz")
-store.OWNED_NAMES.update(OUTPUTS)
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 NOT_APPLICABLE = {"widths": "--widths_list", "log_every": None, "finder": None,
                   "finder_lr": "--prefind_lr", "train_dtype": None}
@@ -318,7 +317,8 @@ def main(argv):
     t_start = time.time()
     out_dir = Path(FLAGS.out_dir)
     try:
-        store.prepare_out_dir(out_dir, run_config(), FLAGS.overwrite)
+        store.prepare_out_dir(out_dir, run_config(), FLAGS.overwrite,
+                              outputs=OUTPUTS, chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     results = []
@@ -347,9 +347,6 @@ def main(argv):
            f"{name[0]} (n = {rows[0]['n_train']}), one hidden layer of h {name[2]} units, "
            f"l2 = {FLAGS.l2:g}; {FLAGS.num_inits} inits per size, snapshots every "
            f"{FLAGS.snapshot_every} of {FLAGS.train_steps} steps; minimum iff no λ < −τ")
-    folder = out_dir / store.CHUNK_DIR  # made by prepare_out_dir; this app writes no chunks
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
     print("coin model 2^-P vs measured share of minima among unique certified points: "
           + "; ".join(f"P = {r['n_params']}: {r['share_minima']:.3f} vs {r['coin_probability']:.1e}"
                       for r in rows))

@@ -79,7 +79,6 @@ CSV_COLUMNS = ("step", "loss", "grad_norm", "lambda_min", "lambda_max", "lambda_
                "exact_min_ratio", "exact_index", "exact_null_fraction", "exact_lambda_min",
                "exact_lambda_max")
 # The results directory accepts only files crit writes; register this app's data files.
-store.OWNED_NAMES.update(OUTPUTS)
 
 
 def parse_snapshots(text: str, train_steps: int) -> list[int]:
@@ -371,7 +370,7 @@ def main(argv):
     out_dir = Path(FLAGS.out_dir)
     try:
         resuming = store.prepare_out_dir(out_dir, run_config(problem, snapshots, dense),
-                                         FLAGS.overwrite)
+                                         FLAGS.overwrite, outputs=OUTPUTS)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
