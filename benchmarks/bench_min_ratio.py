@@ -48,8 +48,8 @@ import numpy as np
 
 import crit  # noqa: F401  (float64)
 from crit.problems import mlp_problem
-from crit.protocol import (ProtocolConfig, auto_chunk_size, init_key, make_chunk_fn,
-                           run_chunk)
+from crit.protocol import (ProtocolConfig, auto_chunk_size, balanced_chunk_size, init_key,
+                           make_chunk_fn, run_chunk)
 
 TRAIN_STEPS, TRAIN_LR = 2000, 1e-2
 FINDER_STEPS, FINDER_LR = 1000, 1e-3
@@ -75,7 +75,7 @@ def run_crit(problem, cfg: ProtocolConfig, n: int) -> dict:
     first call would do) so the compile time is measured on its own rather than estimated.
     """
     import jax.numpy as jnp
-    chunk = auto_chunk_size(problem, n)
+    chunk = balanced_chunk_size(n, auto_chunk_size(problem, n))
     ids = np.arange(n)
     t_start = time.perf_counter()
     chunk_fn = make_chunk_fn(problem, cfg)

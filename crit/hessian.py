@@ -33,14 +33,27 @@ def symmetrize(matrix: jax.Array) -> jax.Array:
     return 0.5 * (matrix + matrix.T)
 
 
-def dense_hessian(loss_fn: Callable[[Params], jax.Array], params: Params) -> jax.Array:
+# Columns of the dense Hessian pushed through the gradient at once (see dense_hessian).
+HESSIAN_BLOCK = 64
+
+
+def dense_hessian(loss_fn: Callable[[Params], jax.Array], params: Params,
+                  block_size: int | None = HESSIAN_BLOCK) -> jax.Array:
     """The full P×P Hessian ∂²L/∂θ∂θᵀ of ``loss_fn`` at ``params``, symmetrized.
 
-    Computed as ``jax.hessian`` = ``jacfwd(jacrev)`` on the raveled parameters: P forward-mode
-    tangents through the gradient, evaluated together. Memory ~P × (cost of one gradient).
+    Column j is H e_j, a forward-mode tangent pushed through the gradient (``jvp`` of ``grad``,
+    i.e. ``jacfwd(jacrev)`` as ``jax.hessian`` does). ``block_size`` columns go through together
+    (``lax.map(..., batch_size=block_size)`` over the basis vectors), so peak memory is about
+    ``min(P, block_size)`` gradients rather than P; ``None`` (or P ≤ block_size) pushes all P
+    tangents at once, exactly ``jax.hessian``.
     """
     f, theta, _ = flat_loss(loss_fn, params)
-    return symmetrize(jax.hessian(f)(theta))
+    p = theta.shape[0]
+    if block_size is None or p <= block_size:
+        return symmetrize(jax.hessian(f)(theta))
+    _, matvec = jax.linearize(jax.grad(f), theta)
+    columns = jax.lax.map(matvec, jnp.eye(p, dtype=theta.dtype), batch_size=block_size)
+    return symmetrize(columns.T)
 
 
 def hvp(loss_fn: Callable[[Params], jax.Array], params: Params, vector: Params) -> Params:

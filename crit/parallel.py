@@ -59,9 +59,16 @@ def round_to_devices(chunk_size: int, n_devices: int) -> int:
 
 
 def shard_inits(fn: Callable, mesh: Mesh) -> Callable:
-    """``jit(fn)`` with the leading (init) axis of its input and outputs split over ``mesh``."""
-    sharding = NamedSharding(mesh, PartitionSpec(INIT_AXIS))
-    return jax.jit(fn, in_shardings=sharding, out_shardings=sharding)
+    """``jit(shard_map(fn))``: each device runs ``fn`` on its own slice of the leading (init)
+    axis of the input, and the outputs are stitched back along that axis.
+
+    ``fn`` sees only its device's inits, so what it computes for an init cannot depend on how
+    many devices share the chunk (no cross-device collectives are involved).
+    """
+    spec = PartitionSpec(INIT_AXIS)
+    sharding = NamedSharding(mesh, spec)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return jax.jit(mapped, in_shardings=sharding, out_shardings=sharding)
 
 
 def process_chunks(todo: np.ndarray, chunk_size: int, process_index: int = 0,

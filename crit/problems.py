@@ -183,9 +183,27 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         act = ACTIVATIONS[self.activation]
+        # one input feature (sinc, sign): x·W is an outer product; a broadcast multiply computes
+        # the same numbers and spares XLA a K = 1 matmul (about 20% of a training step on CPU)
+        dot = _outer_product_dot if x.shape[-1] == 1 else jax.lax.dot_general
         for w in self.widths:
-            x = act(nn.Dense(w, use_bias=self.use_bias, param_dtype=jnp.float64)(x))
-        return nn.Dense(self.n_outputs, use_bias=self.use_bias, param_dtype=jnp.float64)(x)
+            x = act(nn.Dense(w, use_bias=self.use_bias, param_dtype=jnp.float64,
+                             dot_general=dot)(x))
+            dot = jax.lax.dot_general
+        return nn.Dense(self.n_outputs, use_bias=self.use_bias, param_dtype=jnp.float64,
+                        dot_general=dot)(x)
+
+
+def _outer_product_dot(lhs, rhs, dimension_numbers, precision=None,
+                       preferred_element_type=None):
+    """``lax.dot_general`` for a Dense layer with one input feature: (..., 1) · (1, m) → (..., m)."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    if (lhs.shape[-1] != 1 or tuple(lhs_contract) != (lhs.ndim - 1,)
+            or tuple(rhs_contract) != (0,) or any(batch)):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type)
+    out = lhs * rhs[0]
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
 def mlp_param_count(n_inputs: int, widths: Sequence[int], n_outputs: int,

@@ -62,3 +62,18 @@ def test_record_shapes_and_float32_training(chunk3):
 def test_chunk_bounds_are_checked():
     with pytest.raises(ValueError, match="chunk holds"):
         run_chunk(None, np.arange(4), 3)
+
+
+def test_balanced_chunk_size():
+    from crit.protocol import balanced_chunk_size
+
+    assert balanced_chunk_size(100, 46) == 34          # 3 chunks of 34, not 46 + 46 + 8
+    assert balanced_chunk_size(100, 500) == 100
+    assert balanced_chunk_size(100, 16, 4) == 16       # 7 chunks, rounded up to the devices
+    assert balanced_chunk_size(3, 8, 4) == 4           # never below one per device
+    for n in range(1, 60):
+        for c in range(1, 20):
+            b = balanced_chunk_size(n, c)
+            assert b <= c and -(-n // b) == -(-n // min(c, n))  # same number of chunks
+    with pytest.raises(ValueError):
+        balanced_chunk_size(0, 4)
