@@ -13,7 +13,9 @@ float64 throughout, MSE loss (mean, no 1/2);
 3. the exact full 321 x 321 Hessian of L at that point, symmetrized, all eigenvalues (eigvalsh).
 
 Implementations:
-- crit: ``crit.protocol`` (``jit(vmap(analyze_init))``) over chunks of ``auto_chunk_size``;
+- crit: ``crit.protocol`` (``make_chunk_fn``: groups of ``vmap_width`` inits vmapped) over
+  balanced chunks, on every local device (``XLA_FLAGS=--xla_force_host_platform_device_count=2``
+  splits a 2-core CPU into two devices);
   the compile time (measured ahead of time) is reported apart from steady state. crit
   also certifies each point and classifies its spectrum (cheap next to the rest).
 - torch.func: the N models stacked (``stack_module_state``), ``vmap(grad(functional_call))``,
@@ -75,10 +77,15 @@ def run_crit(problem, cfg: ProtocolConfig, n: int) -> dict:
     first call would do) so the compile time is measured on its own rather than estimated.
     """
     import jax.numpy as jnp
-    chunk = balanced_chunk_size(n, auto_chunk_size(problem, n))
+
+    from crit.parallel import local_mesh
+
+    mesh = local_mesh()  # several devices with XLA_FLAGS=--xla_force_host_platform_device_count
+    chunk = balanced_chunk_size(n, auto_chunk_size(problem, n) * mesh.size,
+                                min(cfg.vmap_width, n) * mesh.size)
     ids = np.arange(n)
     t_start = time.perf_counter()
-    chunk_fn = make_chunk_fn(problem, cfg)
+    chunk_fn = make_chunk_fn(problem, cfg, mesh)
     compiled = chunk_fn.lower(jax.ShapeDtypeStruct((chunk,), jnp.int32)).compile()
     compile_s = time.perf_counter() - t_start
     parts = []
@@ -461,6 +468,9 @@ def main(argv=None) -> int:
     ap.add_argument("--newton", choices=("auto", "yes", "no"), default="auto",
                     help="time crit's Newton finder vs gradnorm at N=100 (auto: if 100 in N)")
     ap.add_argument("--skip_torch", action="store_true", help="time crit only")
+    ap.add_argument("--torch_hess_chunk", type=int, default=50,
+                    help="models per vmap(hessian) call in torch.func (250 at once needed more "
+                         "than 24 GiB and was killed)")
     ap.add_argument("--torch_threads", type=int, default=2,
                     help="torch.set_num_threads (default 2; on a busy machine 1 avoids "
                          "OpenMP threads waiting on each other)")
@@ -499,11 +509,12 @@ def main(argv=None) -> int:
         c = run_crit(problem, GRADNORM_CFG, n)
         crit_at[n] = c
         log(f"  total {c['total']:.1f} s (compile {c['compile']:.1f} s, steady {c['steady']:.1f} s;"
-            f" {c['n_chunks']} chunks of {c['chunk']}, {c['padded']} inits computed)")
+            f" {c['n_chunks']} chunks of {c['chunk']}, {c['padded']} inits computed, "
+            f"{len(jax.devices())} device(s))")
         f_time = l_time = None
         if torch is not None:
             log(f"torch.func N={n} ...")
-            f = run_func(x, y, n, c["chunk"])
+            f = run_func(x, y, n, min(c["chunk"], args.torch_hess_chunk))
             f_time = f["time"]
             log(f"  {f_time:.1f} s")
             l_time = loop_per_seed * n

@@ -112,11 +112,18 @@ def step_flops(problem, chunk: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def workload_flops(problem, compiled_chunk, chunk: int) -> dict:
-    """FLOPs of one init of the workload (see the module docstring for how they are counted)."""
+def workload_flops(problem) -> dict:
+    """FLOPs of one init of the workload (see the module docstring for how they are counted).
+
+    Costed on one device for a chunk of one group (``vmap_width`` inits); the FLOPs of an init
+    do not depend on how many devices share the work.
+    """
     p = problem.n_params
-    xla_chunk = _flops(compiled_chunk) / chunk
-    train_step, gn_step = step_flops(problem, chunk)
+    width = CFG.vmap_width
+    compiled = make_chunk_fn(problem, CFG).lower(
+        jax.ShapeDtypeStruct((width,), jnp.int32)).compile()
+    xla_chunk = _flops(compiled) / width
+    train_step, gn_step = step_flops(problem, width)
     eigh = 4.0 / 3.0 * p ** 3
     total = (xla_chunk + (CFG.train_steps - 1) * train_step
              + (CFG.finder_steps - 1) * gn_step + eigh)
@@ -131,8 +138,8 @@ def workload_flops(problem, compiled_chunk, chunk: int) -> dict:
 def run(problem, n: int, mesh=None) -> dict:
     """All ``n`` inits in chunks; compile time measured apart (ahead-of-time compile)."""
     devices = 1 if mesh is None else mesh.size
-    chunk = balanced_chunk_size(n, auto_chunk_size(problem, n))
-    chunk = max(devices, chunk // devices * devices)
+    chunk = balanced_chunk_size(n, auto_chunk_size(problem, n) * devices,
+                                min(CFG.vmap_width, n) * devices)
     t0 = time.perf_counter()
     compiled = make_chunk_fn(problem, CFG, mesh).lower(
         jax.ShapeDtypeStruct((chunk,), jnp.int32)).compile()
@@ -202,12 +209,16 @@ def main(argv=None) -> None:
     log("float64 matmul peak (XLA): " + ", ".join(
         f"n={n}: {f / 1e9:.1f} GFLOP/s" for n, f in peak["per_size"].items()))
 
+    from crit.parallel import local_mesh
+
+    mesh = local_mesh()
+    log(f"devices: {mesh.size} (XLA_FLAGS=--xla_force_host_platform_device_count=d splits a CPU)")
     rows = []
     flops = None
     for n in ns:
-        r = run(problem, n)
+        r = run(problem, n, mesh)
         if flops is None:
-            flops = workload_flops(problem, r["compiled"], r["chunk"])
+            flops = workload_flops(problem)
             log(f"FLOPs per init: {flops['per_init'] / 1e9:.3f} GFLOP (train step "
                 f"{flops['train_step'] / 1e6:.3f} MFLOP, gradient-norm step "
                 f"{flops['gradnorm_step'] / 1e6:.3f} MFLOP, eigvalsh {flops['eigvalsh'] / 1e6:.1f} "

@@ -8,8 +8,9 @@ For init ``i`` (REFERENCES §3, homework 1-2-3):
 4. exact Hessian of the full-batch loss, symmetrized, all eigenvalues by ``eigvalsh``,
 5. certify (‖g‖ ≤ grad_tol) and classify eigenvalues with tolerance τ.
 
-:func:`analyze_init` does this for one init id; :func:`make_chunk_fn` lifts it with ``vmap`` and
-``jit``. Init ``i`` always gets the same key, so its results do not depend on the chunk it is in.
+:func:`analyze_init` does this for one init id; :func:`make_chunk_fn` runs a chunk of ids as
+groups of ``vmap_width`` vmapped inits under ``jit``. Init ``i`` always gets the same key and runs
+in a group of the same width, so its results do not depend on the chunk it is in, bit for bit.
 """
 
 from __future__ import annotations
