@@ -77,3 +77,15 @@ def test_balanced_chunk_size():
             assert b <= c and -(-n // b) == -(-n // min(c, n))  # same number of chunks
     with pytest.raises(ValueError):
         balanced_chunk_size(0, 4)
+
+
+def test_fixed_vmap_width_makes_chunks_bit_identical():
+    """Groups of vmap_width inits: chunk 2 and chunk 4 give the same bits for every init."""
+    cfg = CFG._replace(vmap_width=2)
+    fn = make_chunk_fn(PROBLEM, cfg)
+    four = run_chunk(fn, np.arange(4), 4)
+    two = {k: np.concatenate([a, b]) for (k, a), b in
+           zip(run_chunk(fn, np.arange(2), 2).items(),
+               run_chunk(fn, np.arange(2, 4), 2).values())}
+    for f in FIELDS:
+        np.testing.assert_array_equal(four[f], two[f], err_msg=f)
