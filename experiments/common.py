@@ -12,9 +12,10 @@ import platform
 import sys
 import time
 
-from absl import flags
+from absl import app, flags
 
 import crit  # noqa: F401  (float64 on)
+from crit import store
 from crit.critical import FINDERS
 from crit.problems import ACTIVATIONS, DATASETS, LOSSES, mlp_problem
 from crit.train import OPTIMIZERS
@@ -205,3 +206,20 @@ def start_cluster() -> None:
 
     maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                  FLAGS.process_id, FLAGS.distributed_auto)
+
+
+def flag_values(module_name: str) -> tuple[dict, dict]:
+    """(shared, own): the values of this module's shared flags and of app ``module_name``'s flags."""
+    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[module_name])}
+    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+    return shared, own
+
+
+def prepare_out_dir(out_dir, config: dict, outputs, chunked: bool = False):
+    """``store.prepare_out_dir`` with the app's ``--overwrite``; a refused results directory
+    (foreign files, another configuration) stops the app with a usage error naming the problem."""
+    try:
+        return store.prepare_out_dir(out_dir, config, FLAGS.overwrite, outputs=outputs,
+                                     chunked=chunked)
+    except store.ResultsDirError as exc:
+        raise app.UsageError(str(exc)) from None

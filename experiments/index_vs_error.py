@@ -517,11 +517,7 @@ def main(argv):
     t_start = time.time()
     configs = configurations()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(configs), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(configs), OUTPUTS)
     results = []
     for cfg in configs:
         pr = cfg["problem"]

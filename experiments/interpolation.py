@@ -26,7 +26,6 @@ trajectory_projection (.png and .pdf).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -295,8 +294,7 @@ def projection_figure(proj_x, proj_y, distance, snap_loss, out_dir, title):
 
 
 def run_config(problem) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name)
     return {"experiment": "interpolation", "protocol": protocol, "flags": shared | own,
@@ -310,11 +308,7 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     n = problem.dataset.n_train
     small_steps = FLAGS.epochs * (n // FLAGS.small_batch)
     large_steps = FLAGS.epochs * (n // FLAGS.large_batch)

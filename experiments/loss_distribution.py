@@ -24,7 +24,6 @@ per width), loss_histograms.png/.pdf (overlaid histograms + trends), train_vs_te
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -123,8 +122,7 @@ def problem_for(width: int):
 
 
 def run_config(problems) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     first = next(iter(problems.values()))
     protocol.update(loss=first.loss_name)
@@ -261,11 +259,7 @@ def main(argv):
     widths = parse_widths_list(FLAGS.widths_list)
     problems = {w: problem_for(w) for w in widths}
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problems), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problems), OUTPUTS)
     from crit.theory import loss_spread_table, train_test_correlation
 
     d = problems[widths[0]].dataset

@@ -316,11 +316,7 @@ def main(argv):
     validate()
     t_start = time.time()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(), OUTPUTS)
     results = []
     for w in parse_widths(FLAGS.widths_list):
         res = run_width(w)

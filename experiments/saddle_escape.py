@@ -148,8 +148,7 @@ def validate() -> None:
 
 
 def run_config(problem) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name)
     return {"experiment": "saddle_escape", "protocol": protocol, "flags": shared | own,
@@ -548,11 +547,7 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     from crit.critical import STATUSES
 
     snapshots = parse_ints("snapshots", FLAGS.snapshots)

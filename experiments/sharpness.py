@@ -26,7 +26,6 @@ columns, plus the full spectra when dense), sharpness.png/.pdf.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -204,8 +203,7 @@ def sharpness_figure(rows: dict, out_dir: Path, title: str):
 
 
 def run_config(problem) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name)
     return {"experiment": "sharpness", "protocol": protocol, "flags": shared | own,
@@ -219,11 +217,7 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     sizes = parse_batch_sizes(FLAGS.batch_sizes)
     dense = problem.n_params <= FLAGS.dense_max_params
     method = "dense" if dense else f"power{FLAGS.power_iters}"

@@ -25,7 +25,6 @@ Writes to ``--out_dir``: config.json, surface.npz, surface_contour and surface_3
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -186,8 +185,7 @@ def surface_figures(alphas, loss, traj_a, traj_b, out_dir, title, axis_names, st
 
 
 def run_config(problem) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name,
                     finder_steps=common.finder_steps())
@@ -202,11 +200,7 @@ def main(argv):
     problem = common.problem_from_flags()
     validate_problem(problem)
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.train_steps} {FLAGS.optimizer} steps, "
           f"{FLAGS.finder} refinement, {FLAGS.grid}×{FLAGS.grid} grid on "
           f"[-{FLAGS.extent:g}, {FLAGS.extent:g}]², {FLAGS.directions} directions")

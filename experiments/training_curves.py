@@ -16,7 +16,6 @@ Writes to ``--out_dir``: config.json, curves.npz, runs.csv, training_curves.png/
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -137,8 +136,7 @@ def curves_figure(r: dict, out_dir: Path, title: str):
 
 
 def run_config(problem) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name,
                     finder_steps=common.finder_steps())
@@ -152,11 +150,7 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.num_runs} runs: {FLAGS.train_steps} "
           f"{FLAGS.optimizer} steps, then {common.finder_steps()} {FLAGS.finder} iterations")
     r = run_all(problem)

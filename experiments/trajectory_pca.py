@@ -17,7 +17,6 @@ variance), runs.csv (one row per run), trajectory_pca.png/.pdf.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -141,8 +140,7 @@ def pca_figure(model, layer, loss, steps, out_dir, title, layer_label):
 
 
 def run_config(problem) -> dict:
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    shared = {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+    shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name)
     return {"experiment": "trajectory_pca", "protocol": protocol, "flags": shared | own,
@@ -155,11 +153,7 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
-    try:
-        store.prepare_out_dir(out_dir, run_config(problem), FLAGS.overwrite,
-                              outputs=OUTPUTS, chunked=False)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.num_runs} runs × "
           f"{FLAGS.train_steps} {FLAGS.optimizer} steps, snapshot every {FLAGS.record_every}")
     snaps, steps, loss, gnorm = run_trainings(problem)
