@@ -49,7 +49,7 @@ class ProtocolConfig(NamedTuple):
     slq_probes: int = 8
     minres_iters: int = 50
     hvp_batch_size: int = 0         # 0: the whole data set in one HVP
-    vmap_width: int = 25            # inits vmapped together inside a chunk (see make_chunk_fn)
+    vmap_width: int = 10            # inits vmapped together inside a chunk (see make_chunk_fn)
 
 
 class InitRecord(NamedTuple):
@@ -281,10 +281,11 @@ def run_chunk(chunk_fn, init_ids: np.ndarray, chunk_size: int) -> dict[str, np.n
 def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None) -> int:
     """Rough peak memory of one init in :func:`analyze_init`, dominated by the dense Hessian.
 
-    ``dense_hessian`` pushes t = min(P, HESSIAN_BLOCK) tangents through the forward and backward
-    pass at once: about t × n × (Σ widths + outputs) × 8 bytes × 4 live activations, plus the
-    P×P Hessian and its eigendecomposition workspace. (Measured with XLA's memory analysis on the
-    homework net, P = 321, n = 256: 10.7 MB per init; this estimate says 22 MB.)
+    ``dense_hessian`` pushes t = min(P, default_hessian_block()) tangents through the forward
+    and backward pass at once: about t × n × (Σ widths + outputs) × 8 bytes × 4 live
+    activations, plus the P×P Hessian and its eigendecomposition workspace. (Measured with XLA's
+    memory analysis on the homework net, P = 321, n = 256, with blocks of 64 columns: 10.7 MB per
+    init; this estimate says 22 MB.)
     """
     p = problem.n_params
     n = problem.dataset.n_train
@@ -296,9 +297,9 @@ def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None)
         rows = n if not cfg.hvp_batch_size else min(n, cfg.hvp_batch_size)
         return int(8 * ((cfg.slq_probes + 1) * cfg.lanczos_steps * p + 8 * rows * width_sum
                         + 12 * p))
-    from crit.hessian import HESSIAN_BLOCK
+    from crit.hessian import default_hessian_block
 
-    tangents = min(p, HESSIAN_BLOCK)  # dense_hessian pushes this many columns at once
+    tangents = min(p, default_hessian_block())  # dense_hessian pushes this many columns at once
     return int(8 * (4 * tangents * n * width_sum + 6 * p * p))
 
 
