@@ -84,7 +84,7 @@ def test_batched_hvp_equals_full_batch(batch_size):
     np.testing.assert_allclose(mv(v), mv_ref(v), atol=1e-13)
 
 
-@pytest.mark.parametrize("block_size", [1, 5, 7])
+@pytest.mark.parametrize("block_size", [1, 5, 7, "auto"])
 def test_blocked_dense_hessian_equals_jax_hessian(small_net, block_size):
     """Columns pushed through in blocks (any block size, remainder included) == jax.hessian."""
     problem, params = small_net
@@ -93,3 +93,14 @@ def test_blocked_dense_hessian_equals_jax_hessian(small_net, block_size):
     assert problem.n_params % 7 != 0  # a ragged last block is exercised
     np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-14 * np.abs(whole).max())
     np.testing.assert_array_equal(blocked, blocked.T)
+
+
+def test_default_hessian_block_follows_backend():
+    """One column at a time on CPU (fastest there: wide tangent blocks leave the cache)."""
+    import jax
+
+    from crit.hessian import (HESSIAN_BLOCK_ACCELERATOR, HESSIAN_BLOCK_CPU,
+                              default_hessian_block)
+
+    expected = HESSIAN_BLOCK_CPU if jax.default_backend() == "cpu" else HESSIAN_BLOCK_ACCELERATOR
+    assert default_hessian_block() == expected
