@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.bench_throughput [--num_inits 100,300,1000] [--devices 1,2] [--device_inits 200]
+    python -m benchmarks.bench_throughput --num_inits 10000 --devices '' --processes 2
 
 Workload: the homework workload of ``bench_min_ratio`` (MLP 1-16-16-1 tanh, sinc, 256 points,
 2000 Adam steps, 1000 gradient-norm Adam steps, exact Hessian + eigvalsh, float64), run through
@@ -15,8 +16,8 @@ Efficiency = FLOPs / wall time / peak, all measured in the same run on the same 
   calls, so the count is completed by hand: (train_steps − 1) more Adam steps and
   (finder_steps − 1) more gradient-norm steps, each costed by XLA on the same vmapped step, the
   columns of the dense Hessian's column loop beyond the one XLA counts (costed as the whole
-  ``jax.hessian`` minus the loop as counted), plus (4/3)·P³ per ``eigvalsh`` (LAPACK's tridiagonal reduction, which dominates values-only
-  ``syevd``). Padding rows of the last chunk are work the machine did but are not counted.
+  ``jax.hessian`` minus the loop as counted), plus (4/3)·P³ per ``eigvalsh`` (LAPACK's
+  tridiagonal reduction, which dominates values-only ``syevd``). Padding rows of the last chunk are work the machine did but are not counted.
 * Peak is the best float64 FLOP/s of a square ``jnp.dot`` (n = 1024, 2048, 3072) on all
   cores, i.e. what XLA's matmul reaches here, the usual yardstick for "% of peak".
 
@@ -25,6 +26,11 @@ log(N) (1 means linear: throughput independent of N). "Time vs device count" rer
 ``--device_inits`` inits in a fresh process per count with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=d`` (the init axis sharded over d host
 devices, as on a real multi-device machine).
+
+``--processes k`` also runs the largest N as k processes, each pinned to its own core with one
+CPU device and single-threaded Eigen, each on its own share of the init ids (the
+one-process-per-core layout of BUILD.md); its wall time runs from the moment every process has
+compiled to the last one's end. ``--only_processes`` skips the in-process runs.
 """
 
 from __future__ import annotations
@@ -185,6 +191,79 @@ def device_child(n: int) -> None:
                           steady=r["steady"])), flush=True)
 
 
+def process_child(lo: int, hi: int, sync_dir: str) -> None:
+    """Child of ``--processes``: inits lo..hi-1 on this process's one (pinned) CPU device.
+
+    Compiles, writes ``ready_<lo>`` into ``sync_dir``, waits for the parent's ``go`` file so all
+    children start computing together, then prints its timings as JSON.
+    """
+    import pathlib
+
+    problem = mlp_problem("sinc", WIDTHS, "tanh", n_points=256)
+    n = hi - lo
+    chunk = balanced_chunk_size(n, auto_chunk_size(problem, n), min(CFG.vmap_width, n))
+    t0 = time.perf_counter()
+    compiled = make_chunk_fn(problem, CFG).lower(
+        jax.ShapeDtypeStruct((chunk,), jnp.int32)).compile()
+    compile_s = time.perf_counter() - t0
+    sync = pathlib.Path(sync_dir)
+    (sync / f"ready_{lo}").write_text("ready")
+    while not (sync / "go").exists():
+        time.sleep(0.01)
+    start = time.time()
+    ids = np.arange(lo, hi)
+    for c in range(0, n, chunk):
+        run_chunk(compiled, ids[c:c + chunk], chunk)
+    end = time.time()
+    print(json.dumps(dict(lo=lo, hi=hi, chunk=chunk, compile=compile_s, start=start, end=end,
+                          steady=end - start)), flush=True)
+
+
+def run_processes(n: int, k: int) -> dict:
+    """``n`` inits split over ``k`` child processes, child i pinned to core i (one CPU device
+    each, single-threaded Eigen): the one-process-per-core layout of BUILD.md.
+
+    Wall time runs from the moment all children have compiled (the ``go`` file) to the last
+    child's end; compile time is reported apart, as the slowest child's.
+    """
+    import pathlib
+    import tempfile
+
+    cores = sorted(os.sched_getaffinity(0))
+    if k > len(cores):
+        raise SystemExit(f"--processes={k}: only {len(cores)} cores are available")
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+        and not f.startswith("--xla_cpu_multi_thread_eigen")) + " --xla_cpu_multi_thread_eigen=false"
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory() as sync:
+        procs = []
+        for i in range(k):
+            cmd = ["taskset", "-c", str(cores[i]), sys.executable, "-m",
+                   "benchmarks.bench_throughput", "--child_range",
+                   f"{bounds[i]},{bounds[i + 1]}", "--sync_dir", sync]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        while len(list(pathlib.Path(sync).glob("ready_*"))) < k:
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise SystemExit("a --processes child failed before it was ready")
+            time.sleep(0.05)
+        go = time.time()
+        pathlib.Path(sync, "go").write_text("go")
+        rows = []
+        for p in procs:
+            out, _ = p.communicate()
+            if p.returncode:
+                raise SystemExit(f"a --processes child exited with {p.returncode}")
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    wall = max(r["end"] for r in rows) - go
+    return dict(n=n, processes=k, wall=wall, compile=max(r["compile"] for r in rows),
+                children=rows)
+
+
 def time_vs_devices(counts, n: int) -> list[dict]:
     rows = []
     for d in counts:
@@ -208,11 +287,24 @@ def main(argv=None) -> None:
                     help="comma-separated N for time vs N (the largest also gives throughput)")
     ap.add_argument("--devices", default="1,2", help="forced host device counts ('' to skip)")
     ap.add_argument("--device_inits", type=int, default=200, help="inits per device-count run")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="also time the largest N as this many processes, one pinned to each "
+                         "core (0: skip)")
+    ap.add_argument("--only_processes", action="store_true",
+                    help="with --processes: skip the in-process runs (time vs N)")
     ap.add_argument("--child_inits", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child_range", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--sync_dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_inits:
         device_child(args.child_inits)
         return
+    if args.child_range:
+        lo, hi = (int(v) for v in args.child_range.split(","))
+        process_child(lo, hi, args.sync_dir)
+        return
+    if args.processes < 0:
+        ap.error(f"--processes must be >= 0, got {args.processes}")
     ns = sorted(int(s) for s in args.num_inits.split(",") if s)
     if not ns or min(ns) < 1:
         ap.error(f"--num_inits must list positive integers, got {args.num_inits!r}")
@@ -235,15 +327,13 @@ def main(argv=None) -> None:
     mesh = local_mesh()
     log(f"devices: {mesh.size} (XLA_FLAGS=--xla_force_host_platform_device_count=d splits a CPU)")
     rows = []
-    flops = None
-    for n in ns:
+    flops = workload_flops(problem)
+    log(f"FLOPs per init: {flops['per_init'] / 1e9:.3f} GFLOP (train step "
+        f"{flops['train_step'] / 1e6:.3f} MFLOP, gradient-norm step "
+        f"{flops['gradnorm_step'] / 1e6:.3f} MFLOP, eigvalsh {flops['eigvalsh'] / 1e6:.1f} "
+        f"MFLOP); shares " + ", ".join(f"{k} {v:.1%}" for k, v in flops["share"].items()))
+    for n in ([] if args.only_processes and args.processes else ns):
         r = run(problem, n, mesh)
-        if flops is None:
-            flops = workload_flops(problem)
-            log(f"FLOPs per init: {flops['per_init'] / 1e9:.3f} GFLOP (train step "
-                f"{flops['train_step'] / 1e6:.3f} MFLOP, gradient-norm step "
-                f"{flops['gradnorm_step'] / 1e6:.3f} MFLOP, eigvalsh {flops['eigvalsh'] / 1e6:.1f} "
-                f"MFLOP); shares " + ", ".join(f"{k} {v:.1%}" for k, v in flops["share"].items()))
         achieved = flops["per_init"] * n / r["steady"]
         rows.append(dict(n=n, chunk=r["chunk"], compile=r["compile"], steady=r["steady"],
                          inits_per_s=n / r["steady"], gflops=achieved / 1e9,
@@ -251,6 +341,16 @@ def main(argv=None) -> None:
         log(f"N = {n}: {r['steady']:.1f} s steady + {r['compile']:.1f} s compile "
             f"(chunk {r['chunk']}), {n / r['steady']:.2f} inits/s, {achieved / 1e9:.2f} GFLOP/s "
             f"= {achieved / peak['peak']:.1%} of the matmul peak")
+    if args.processes:
+        n = ns[-1]
+        r = run_processes(n, args.processes)
+        achieved = flops["per_init"] * n / r["wall"]
+        log(f"N = {n} as {args.processes} processes, one pinned per core: {r['wall']:.1f} s "
+            f"from all compiled to the last end (+{r['compile']:.1f} s compile), "
+            f"{n / r['wall']:.2f} inits/s, {achieved / 1e9:.2f} GFLOP/s = "
+            f"{achieved / peak['peak']:.1%} of the matmul peak; per process "
+            + ", ".join(f"inits {c['lo']}..{c['hi'] - 1}: {c['steady']:.1f} s"
+                        for c in r["children"]))
     if len(rows) > 1:
         slope = np.polyfit(np.log([r["n"] for r in rows]), np.log([r["steady"] for r in rows]), 1)[0]
         log(f"time vs N: log-log slope {slope:.3f} (1 = linear)")
