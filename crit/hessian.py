@@ -57,8 +57,11 @@ def dense_hessian(loss_fn: Callable[[Params], jax.Array], params: Params,
     tangents at once, exactly ``jax.hessian``; ``"auto"`` takes :func:`default_hessian_block`.
     The block size changes only the summation order (columns agree to a few ulp).
     """
-    if block_size == "auto":
+    if isinstance(block_size, str) and block_size == "auto":
         block_size = default_hessian_block()
+    elif block_size is not None and (isinstance(block_size, (str, bool))
+                                     or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, None or 'auto'; got {block_size!r}")
     f, theta, _ = flat_loss(loss_fn, params)
     p = theta.shape[0]
     if block_size is None or p <= block_size:

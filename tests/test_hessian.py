@@ -104,3 +104,11 @@ def test_default_hessian_block_follows_backend():
 
     expected = HESSIAN_BLOCK_CPU if jax.default_backend() == "cpu" else HESSIAN_BLOCK_ACCELERATOR
     assert default_hessian_block() == expected
+
+
+@pytest.mark.parametrize("bad", [0, -3, "wide", 2.5])
+def test_dense_hessian_rejects_bad_block_size(small_net, bad):
+    """A block size that is not a positive int, None or 'auto' stops before any compute."""
+    problem, params = small_net
+    with pytest.raises(ValueError, match="block_size"):
+        dense_hessian(problem.loss_fn, params, block_size=bad)
