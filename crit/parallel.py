@@ -7,9 +7,12 @@ Inits are independent, so crit needs no communication between them. The layout:
   ``jit`` with those shardings lets XLA run each device's slice of the ``vmap`` on that device.
   The chunk size is rounded up to a multiple of the device count.
 * **Processes (hosts)**: after ``jax.distributed.initialize()`` (JAX's multi-controller runtime on
-  TPU pods and SLURM GPU clusters), process ``p`` of ``q`` takes chunks ``p, p + q, p + 2q, ...``
-  of the remaining inits and writes its own chunk files into the shared results directory;
-  process 0 assembles the outputs once every chunk is on disk.
+  TPU pods and SLURM GPU clusters), process ``p`` of ``q`` owns the units (groups of ``vmap_width``
+  consecutive ids) ``p, p + q, p + 2q, ...`` of all init ids (:func:`process_share`: a function
+  of the flags alone), computes the ones not yet on disk in chunks sized by its own memory, and
+  writes its own chunk files into the shared results directory; process 0 assembles the
+  outputs once every chunk is on disk. Start-up goes through the coordinator's key-value store
+  (:func:`publish`, :func:`receive`): see ``experiments/cluster.py``.
 
 Init ``i`` always uses key ``fold_in(PRNGKey(seed), i)`` and the same program, so its numbers do
 not depend on chunk size, device count or process count (up to the summation order inside XLA's
@@ -71,11 +74,63 @@ def shard_inits(fn: Callable, mesh: Mesh) -> Callable:
     return jax.jit(mapped, in_shardings=sharding, out_shardings=sharding)
 
 
+def process_share(num_inits: int, unit: int, process_index: int = 0,
+                  process_count: int = 1) -> np.ndarray:
+    """The init ids process ``process_index`` of ``process_count`` owns, ascending.
+
+    Ids are cut into consecutive units of ``unit`` (the vmap width: one group of vmapped inits)
+    and unit u goes to process u mod ``process_count``. The split depends on these four numbers
+    alone, never on a process's memory, devices or chunk size, so every process computes the
+    same partition: no init is computed twice or left out. (The vmap width is part of the run's
+    fingerprint, which every process checks at start-up.)
+    """
+    if unit < 1 or process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need unit >= 1 and 0 <= process_index < process_count, got unit="
+                         f"{unit}, process_index={process_index}, process_count={process_count}")
+    ids = np.arange(num_inits, dtype=np.int64)
+    return ids[(ids // unit) % process_count == process_index]
+
+
 def process_chunks(todo: np.ndarray, chunk_size: int, process_index: int = 0,
-                   process_count: int = 1) -> list[np.ndarray]:
-    """The chunks of ``todo`` (ascending init ids) that process ``process_index`` computes."""
-    chunks = [todo[s:s + chunk_size] for s in range(0, len(todo), chunk_size)]
-    return chunks[process_index::process_count]
+                   process_count: int = 1, unit: int | None = None,
+                   num_inits: int | None = None) -> list[np.ndarray]:
+    """This process's chunks: its share (:func:`process_share` of all ``num_inits`` ids, in
+    units of ``unit``) intersected with ``todo``, cut into chunks of ``chunk_size``.
+
+    ``chunk_size`` may differ between processes (it follows each one's memory) without
+    changing who computes what. Defaults: ``unit = chunk_size``, ``num_inits`` = max(todo) + 1.
+    """
+    todo = np.asarray(todo, dtype=np.int64)
+    if num_inits is None:
+        num_inits = int(todo.max()) + 1 if todo.size else 0
+    share = process_share(num_inits, unit or chunk_size, process_index, process_count)
+    mine = share[np.isin(share, todo)]
+    return [mine[s:s + chunk_size] for s in range(0, len(mine), chunk_size)]
+
+
+def publish(key: str, value: str) -> None:
+    """Set ``key`` in the coordinator's key-value store (``jax.distributed`` must be running)."""
+    _client().key_value_set(key, value)
+
+
+def receive(key: str, timeout_s: float) -> str | None:
+    """Wait up to ``timeout_s`` for ``key`` in the coordinator's key-value store; None if it
+    never came."""
+    try:
+        return _client().blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as exc:  # the client raises on a deadline (XlaRuntimeError)
+        if "DEADLINE_EXCEEDED" in str(exc) or "timed out" in str(exc).lower():
+            return None
+        raise
+
+
+def _client():
+    from jax._src import distributed  # the coordinator client of jax.distributed.initialize
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized: no coordinator to talk to")
+    return client
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 1.0) -> bool:
@@ -89,31 +144,59 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 1.
         time.sleep(poll_s)
 
 
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _device_stats(device: jax.Device | None) -> dict | None:
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU devices may not implement it
+        return None
+    return stats if stats and "bytes_limit" in stats else None
+
+
 def available_memory_bytes(device: jax.Device | None = None) -> int:
-    """Memory a chunk may use on ``device``: the accelerator's limit, or the host's free RAM.
+    """Memory a chunk may use on ``device`` now: the accelerator's limit less what is in use,
+    or the host's free RAM.
 
     On GPU/TPU this is ``bytes_limit − bytes_in_use`` from ``memory_stats()``; on CPU it is
     ``MemAvailable`` from /proc/meminfo (or, failing that, physical memory / 2).
     """
-    device = device or jax.local_devices()[0]
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:  # CPU devices may not implement it
-        stats = None
-    if stats and "bytes_limit" in stats:
+    stats = _device_stats(device)
+    if stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    free = _meminfo("MemAvailable")
+    if free is not None:
+        return free
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError):
         return 4 * 2**30
+
+
+def memory_capacity_bytes(device: jax.Device | None = None) -> int:
+    """All the memory ``device`` has, whatever is in use: ``bytes_limit`` on GPU/TPU, the host's
+    physical memory (MemTotal) on CPU. A property of the kind of device, the same on every host
+    of a homogeneous cluster: what a plan that must agree across processes may depend on."""
+    stats = _device_stats(device)
+    if stats:
+        return int(stats["bytes_limit"])
+    total = _meminfo("MemTotal")
+    if total is not None:
+        return total
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 2**30
 
 
 def all_chunks_present(out_dir: str | Path, num_inits: int) -> bool:

@@ -82,9 +82,10 @@ class InitRecord(NamedTuple):
 class KrylovInitRecord(NamedTuple):
     """Per-init result when the spectrum comes from HVPs + Lanczos/SLQ (large P).
 
-    Fractions are SLQ estimates with intervals [lo, hi] (crit.krylov); n_pos/n_neg/n_null are
-    the estimated counts round(fraction · P). No full eigenvalue list exists: spectra.npz keeps
-    the SLQ nodes and weights and the extremal Ritz values instead.
+    Fractions are SLQ estimates with intervals [lo, hi] (crit.krylov), written to results.csv
+    as ``*_est`` columns; there are no integer counts (round(f·P) would pass for an exact count
+    and need not sum to P). No full eigenvalue list exists: spectra.npz keeps the SLQ nodes and
+    weights and the extremal Ritz values instead.
     """
 
     init_id: jax.Array
@@ -95,9 +96,6 @@ class KrylovInitRecord(NamedTuple):
     train_loss: jax.Array
     train_grad_norm: jax.Array
     finder_iterations: jax.Array
-    n_pos: jax.Array
-    n_neg: jax.Array
-    n_null: jax.Array
     min_ratio: jax.Array
     min_ratio_lo: jax.Array
     min_ratio_hi: jax.Array
@@ -214,16 +212,12 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
                            num_probes=cfg.slq_probes, tol=cfg.eig_tol)
     norm = jnp.maximum(jnp.abs(spec.lambda_min), jnp.abs(spec.lambda_max))
     cert = certify(problem.loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
-    p = problem.n_params
-    count = lambda f: jnp.round(f * p).astype(jnp.int32)  # noqa: E731
     return KrylovInitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
         train_loss=log.loss[-1].astype(jnp.float64),
         train_grad_norm=log.grad_norm[-1].astype(jnp.float64),
-        finder_iterations=found.iterations, n_pos=count(spec.min_ratio),
-        n_neg=count(spec.index), n_null=count(spec.null_fraction),
-        min_ratio=spec.min_ratio, min_ratio_lo=spec.min_ratio_lo,
+        finder_iterations=found.iterations, min_ratio=spec.min_ratio, min_ratio_lo=spec.min_ratio_lo,
         min_ratio_hi=spec.min_ratio_hi, index=spec.index, index_lo=spec.index_lo,
         index_hi=spec.index_hi, null_fraction=spec.null_fraction,
         null_fraction_lo=spec.null_fraction_lo, null_fraction_hi=spec.null_fraction_hi,
@@ -301,6 +295,102 @@ def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None)
 
     tangents = min(p, default_hessian_block())  # dense_hessian pushes this many columns at once
     return int(8 * (4 * tangents * n * width_sum + 6 * p * p))
+
+
+def estimate_bytes_per_record(problem: Problem, cfg: ProtocolConfig) -> int:
+    """Bytes of one init's results as the chunk returns them (raw eigenvalues or SLQ nodes and
+    weights, curves, finder history and ~30 scalars), in float64."""
+    curves = 2 * (cfg.train_steps // max(cfg.log_every, 1) + 1) + cfg.finder_steps + 1
+    if cfg.hessian == "lanczos":
+        spectrum = 2 * cfg.slq_probes * cfg.lanczos_steps + 2 * cfg.lanczos_steps
+    else:
+        spectrum = problem.n_params
+    return int(8 * (spectrum + curves + 32))
+
+
+class MemoryPlanError(ValueError):
+    """The run cannot fit the device's memory as asked; the message names the flag that helps."""
+
+
+class MemoryPlan(NamedTuple):
+    """How a chunked run uses one device's memory (all sizes in bytes, per device).
+
+    Inside a chunk, ``lax.map`` runs groups of ``vmap_width`` vmapped inits one after another,
+    so the working set follows the width, not the chunk: peak ≈ width × bytes_per_init +
+    (chunk / devices) × bytes_per_record (the chunk's results).
+    """
+
+    vmap_width: int
+    chunk_size: int
+    bytes_per_init: int
+    bytes_per_record: int
+    peak_bytes: int
+    budget_bytes: int
+
+
+def plan_vmap_width(bytes_per_init: int, capacity_bytes: int, num_inits: int,
+                    requested: int = 0, default: int = 10, too_big_hint: str = "") -> int:
+    """The vmap width: ``requested`` if given, else the largest width up to ``min(default,
+    num_inits)`` whose working set fits half the device's *capacity* (its total memory, not
+    what is free now: the width is part of a run's fingerprint, so it must not follow the
+    memory other jobs happen to hold; every process of a run on the same kind of device
+    resolves the same width). Raises :class:`MemoryPlanError` when not even one init fits,
+    naming ``too_big_hint``.
+    """
+    if requested:
+        return int(requested)
+    if bytes_per_init > capacity_bytes:
+        raise MemoryPlanError(
+            f"one init needs about {bytes_per_init / 2**30:.2f} GiB but the device has "
+            f"{capacity_bytes / 2**30:.2f} GiB{'; ' + too_big_hint if too_big_hint else ''}")
+    fits = max(1, int(capacity_bytes // 2 // max(bytes_per_init, 1)))
+    return int(max(1, min(default, num_inits, fits)))
+
+
+def plan_memory(bytes_per_init: int, bytes_per_record: int, num_inits: int, n_devices: int,
+                free_bytes: int, vmap_width: int, chunk_size: int = 0, max_chunk: int = 128,
+                min_chunks: int = 4, too_big_hint: str = "") -> MemoryPlan:
+    """Check a vmap width against the memory free on a device and choose the chunk size.
+
+    ``chunk_size = 0`` picks the largest chunk (a multiple of width × devices, at most
+    ``max_chunk`` per device, and at least ``min_chunks`` chunks when there is enough work,
+    so results are saved as they come) whose results fit next to the working set; a given
+    ``chunk_size`` is rounded up to that multiple and checked. Raises
+    :class:`MemoryPlanError` naming ``--vmap_width`` (the working set), ``--chunk_size`` (the
+    results) or ``too_big_hint`` (one init alone does not fit), before any compute.
+    """
+    budget = int(free_bytes)
+    group = vmap_width * n_devices
+    working = vmap_width * bytes_per_init
+    if bytes_per_init > budget:
+        raise MemoryPlanError(
+            f"one init needs about {bytes_per_init / 2**30:.2f} GiB but {budget / 2**30:.2f} GiB "
+            f"is free on the device{'; ' + too_big_hint if too_big_hint else ''}")
+    if working > budget:
+        fits = max(1, budget // bytes_per_init)
+        raise MemoryPlanError(
+            f"--vmap_width={vmap_width}: a group of {vmap_width} inits needs about "
+            f"{working / 2**30:.2f} GiB but {budget / 2**30:.2f} GiB is free on the device; "
+            f"use --vmap_width={fits} or less (or free memory / raise --memory_gb)")
+    room = (budget - working) // max(bytes_per_record, 1) * n_devices  # results that fit
+    if chunk_size:
+        chunk = -(-chunk_size // group) * group
+        if chunk // n_devices * bytes_per_record + working > budget:
+            raise MemoryPlanError(
+                f"--chunk_size={chunk_size}: the results of a chunk need about "
+                f"{chunk // n_devices * bytes_per_record / 2**30:.2f} GiB per device next to "
+                f"{working / 2**30:.2f} GiB of working set, {budget / 2**30:.2f} GiB is free; "
+                f"lower --chunk_size (0 chooses)")
+    else:
+        chunk = min(max_chunk * n_devices, room, max(group, -(-num_inits // min_chunks)))
+        chunk = balanced_chunk_size(num_inits, max(chunk, group), group)
+        if chunk // n_devices * bytes_per_record + working > budget:
+            raise MemoryPlanError(
+                f"the results of one group of {group} inits do not fit next to the working set "
+                f"({budget / 2**30:.2f} GiB free); lower --vmap_width")
+    peak = working + chunk // n_devices * bytes_per_record
+    return MemoryPlan(int(vmap_width), int(chunk), int(bytes_per_init), int(bytes_per_record),
+                      int(peak), budget)
 
 
 def auto_chunk_size(problem: Problem, num_inits: int, memory_budget: float | None = None,

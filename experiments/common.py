@@ -171,43 +171,6 @@ class Progress:
         self.stream.flush()
 
 
-# --- clusters (crit/parallel.py; BUILD.md)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 to start JAX's "
-                    "multi-controller runtime by hand (with --num_processes, --process_id).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.DEFINE_bool("distributed_auto", False, "Call jax.distributed.initialize() with the "
-                  "cluster's environment (TPU pods, SLURM).")
-flags.DEFINE_float("assemble_timeout", 3600.0, "Seconds process 0 waits for the other "
-                   "processes' chunks before assembling (a rerun assembles what is there).")
-
-
-def cluster_errors() -> list[str]:
-    e: list[str] = []
-    if FLAGS.coordinator_address:
-        if FLAGS.distributed_auto:
-            e.append("--coordinator_address and --distributed_auto exclude each other")
-        if FLAGS.num_processes is None or FLAGS.num_processes < 1:
-            e.append(f"--num_processes={FLAGS.num_processes}: must be >= 1 with "
-                     "--coordinator_address")
-        elif FLAGS.process_id is None or not 0 <= FLAGS.process_id < FLAGS.num_processes:
-            e.append(f"--process_id={FLAGS.process_id}: must be in [0, --num_processes)")
-        if ":" not in FLAGS.coordinator_address:
-            e.append(f"--coordinator_address={FLAGS.coordinator_address}: expected host:port")
-    elif FLAGS.num_processes is not None or FLAGS.process_id is not None:
-        e.append("--num_processes/--process_id need --coordinator_address")
-    if FLAGS.assemble_timeout < 0:
-        e.append(f"--assemble_timeout={FLAGS.assemble_timeout}: must be >= 0")
-    return e
-
-
-def start_cluster() -> None:
-    from crit.parallel import maybe_initialize_distributed
-
-    maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                 FLAGS.process_id, FLAGS.distributed_auto)
-
-
 def flag_values(module_name: str) -> tuple[dict, dict]:
     """(shared, own): the values of this module's shared flags and of app ``module_name``'s flags."""
     own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[module_name])}

@@ -19,18 +19,17 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import cluster, common
 from crit import plots, store
 from crit.critical import STATUSES
 from crit.spectrum import classify_spectrum
-from crit.protocol import (ProtocolConfig, auto_chunk_size, balanced_chunk_size, make_chunk_fn,
-                           run_chunk)
+from crit.protocol import ProtocolConfig, make_chunk_fn, run_chunk
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_inits", 100, "Number of random initializations.")
 flags.DEFINE_integer("seed", 0, "Root seed; init i uses fold_in(PRNGKey(seed), i).")
 flags.DEFINE_string("out_dir", "runs/min_ratio", "Results directory.")
-flags.DEFINE_integer("chunk_size", 0, "Inits per vmapped chunk (0: chosen from P and memory). "
+flags.DEFINE_integer("chunk_size", 0, "Inits per saved chunk (0: chosen from P and memory). "
                      "Never changes results.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -46,10 +45,15 @@ flags.DEFINE_integer("slq_probes", 8, "SLQ probe vectors (--hessian=lanczos).")
 flags.DEFINE_integer("minres_iters", 50, "MINRES iterations per Newton-MR step "
                      "(--hessian=lanczos --finder=newton).")
 flags.DEFINE_integer("vmap_width", 0, "Inits vmapped together inside a chunk; groups of this "
-                     "many run one after another (0: min(num_inits, 10) on CPU, min(num_inits, "
-                     "512) on GPU/TPU). For a fixed width the results are bit-identical for any "
-                     "--chunk_size (across device and process counts they agree to ~1e-12); "
-                     "chunks are rounded to a multiple of width x devices.")
+                     "many run one after another, so peak memory follows the width (0: "
+                     "min(num_inits, 10) on CPU, on GPU/TPU min(num_inits, 512, what half the "
+                     "device's memory holds)). Part of the fingerprint: for a fixed width the "
+                     "results are bit-identical for any --chunk_size (across device and process "
+                     "counts they agree to ~1e-12); chunks are rounded to a multiple of width x "
+                     "devices.")
+flags.DEFINE_float("memory_gb", 0.0, "Memory one device may use, in GiB (0: what it reports; "
+                   "set it when sharing a GPU). Sizes the plan; never changes results except "
+                   "through an automatic --vmap_width.")
 flags.DEFINE_integer("hvp_batch_size", 0, "Data rows per HVP batch (0: all at once); the "
                      "full-data HVP is Σ_b (n_b/N)·HVP_b (--hessian=lanczos).")
 
@@ -58,17 +62,20 @@ CSV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n
                "lambda_max", "tolerance", "finder_iterations", "flatness", "train_loss",
                "train_grad_norm")
 # With --hessian=lanczos the fractions are SLQ estimates with intervals.
-KRYLOV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n_neg",
-                  "n_null", "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo",
-                  "index_hi", "null_fraction", "null_fraction_lo", "null_fraction_hi",
-                  "lambda_min", "lambda_max", "lambda_min_converged", "lambda_max_converged",
-                  "tolerance", "finder_iterations", "num_matvecs", "flatness", "train_loss",
+# With --hessian=lanczos the fractions are SLQ estimates: their columns end in _est, next to
+# their intervals [_lo, _hi]. No integer counts: those exist only for dense spectra.
+ESTIMATED = ("min_ratio", "index", "null_fraction")
+KRYLOV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "min_ratio_est",
+                  "min_ratio_lo", "min_ratio_hi", "index_est", "index_lo", "index_hi",
+                  "null_fraction_est", "null_fraction_lo", "null_fraction_hi", "lambda_min",
+                  "lambda_max", "lambda_min_converged", "lambda_max_converged", "tolerance",
+                  "finder_iterations", "num_matvecs", "flatness", "train_loss",
                   "train_grad_norm")
 
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
-    errors = common.problem_errors() + common.cluster_errors()
+    errors = common.problem_errors() + cluster.cluster_errors()
     if FLAGS.num_inits < 1:
         errors.append(f"--num_inits={FLAGS.num_inits}: must be >= 1")
     for name in ("dense_max_params", "lanczos_steps", "slq_probes", "minres_iters"):
@@ -80,6 +87,8 @@ def validate() -> None:
         errors.append(f"--vmap_width={FLAGS.vmap_width}: must be >= 0 (0 = automatic)")
     if FLAGS.chunk_size < 0:
         errors.append(f"--chunk_size={FLAGS.chunk_size}: must be >= 0 (0 = automatic)")
+    if not FLAGS.memory_gb >= 0:
+        errors.append(f"--memory_gb={FLAGS.memory_gb}: must be >= 0 (0 = what the device has)")
     out = Path(FLAGS.out_dir)
     if out.exists() and not out.is_dir():
         errors.append(f"--out_dir={out}: is a file, not a directory")
@@ -94,7 +103,7 @@ def hessian_mode(n_params: int) -> str:
     return "dense" if n_params <= FLAGS.dense_max_params else "lanczos"
 
 
-def protocol_config(n_params: int) -> ProtocolConfig:
+def protocol_config(n_params: int, vmap_width: int) -> ProtocolConfig:
     return ProtocolConfig(
         hessian=hessian_mode(n_params), lanczos_steps=FLAGS.lanczos_steps,
         slq_probes=FLAGS.slq_probes, minres_iters=FLAGS.minres_iters,
@@ -103,22 +112,58 @@ def protocol_config(n_params: int) -> ProtocolConfig:
         momentum=FLAGS.momentum, train_steps=FLAGS.train_steps, log_every=FLAGS.log_every,
         train_dtype=FLAGS.train_dtype, finder=FLAGS.finder, finder_steps=common.finder_steps(),
         finder_lr=FLAGS.finder_lr, grad_tol=FLAGS.grad_tol, flat_tol=FLAGS.flat_tol,
-        eig_tol=FLAGS.eig_tol, vmap_width=vmap_width())
+        eig_tol=FLAGS.eig_tol, vmap_width=vmap_width)
 
 
-def vmap_width() -> int:
-    """--vmap_width resolved: 0 means min(num_inits, 10) on CPU, min(num_inits, 512) elsewhere.
+def default_vmap_width() -> int:
+    """The automatic width's cap: 10 on CPU, 512 on GPU/TPU (then bounded by memory).
 
     10 on CPU (2 host devices, homework workload, 100 inits, 2026-12-01): with the gradient-norm
     finder groups of 10 cost 108-126 ms per init against 124-147 ms for groups of 25 (the
     vmapped activations stay in cache); with the Newton finder both cost 267-285 ms. 10 divides
     the usual 100 / 1000 inits without padding.
     """
-    if FLAGS.vmap_width:
-        return FLAGS.vmap_width
     import jax
 
-    return min(FLAGS.num_inits, 10 if jax.default_backend() == "cpu" else 512)
+    return 10 if jax.default_backend() == "cpu" else 512
+
+
+def too_big_hint(hessian: str) -> str:
+    """What helps when a single init does not fit the device."""
+    if hessian == "dense":
+        return ("use --hessian=lanczos (HVPs only: memory ~ P x --lanczos_steps) or a smaller "
+                "network")
+    return "lower --lanczos_steps or --slq_probes, or set --hvp_batch_size"
+
+
+def memory_plan(problem, mesh):
+    """(ProtocolConfig with its vmap width, MemoryPlan) from the flags and this device's memory.
+
+    The width is chosen from the device's capacity (the same on every process: it is in the
+    fingerprint); the chunk size from what is free here (it may differ between processes: it
+    does not change who computes which init, see crit.parallel.process_share).
+    """
+    from crit.parallel import available_memory_bytes, memory_capacity_bytes, process_share
+    from crit.protocol import (estimate_bytes_per_init, estimate_bytes_per_record,
+                               plan_memory, plan_vmap_width)
+    import jax
+
+    cfg = protocol_config(problem.n_params, FLAGS.vmap_width or default_vmap_width())
+    hint = too_big_hint(cfg.hessian)
+    per_init = estimate_bytes_per_init(problem, cfg)
+    if FLAGS.memory_gb:
+        capacity = free = int(FLAGS.memory_gb * 2**30)
+    else:
+        capacity, free = memory_capacity_bytes(), available_memory_bytes()
+    width = plan_vmap_width(per_init, capacity, FLAGS.num_inits, FLAGS.vmap_width,
+                            default_vmap_width(), hint)
+    cfg = cfg._replace(vmap_width=width)
+    share = process_share(FLAGS.num_inits, width, jax.process_index(), jax.process_count())
+    plan = plan_memory(per_init, estimate_bytes_per_record(problem, cfg), max(len(share), 1),
+                       mesh.size, free, width, FLAGS.chunk_size,
+                       max_chunk=128 if jax.default_backend() == "cpu" else 1024,
+                       too_big_hint=hint)
+    return cfg, plan
 
 
 def run_config(cfg: ProtocolConfig, problem) -> dict:
@@ -140,7 +185,8 @@ def assemble(out_dir: Path, records: dict, n_params: int, log_steps) -> None:
     status = np.array([STATUSES[s] for s in records["status"]])
     krylov = "slq_nodes" in records
     names = KRYLOV_COLUMNS if krylov else CSV_COLUMNS
-    columns = {c: records[c] for c in names if c in records}
+    columns = {c: records[c.removesuffix("_est")] for c in names
+               if c.removesuffix("_est") in records}
     columns["status"] = status
     columns["n_params"] = np.full(len(status), n_params)
     store.write_csv(out_dir / "results.csv", {c: columns[c] for c in names})
@@ -193,59 +239,31 @@ def summarize(records: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_chunks(problem, cfg, todo: np.ndarray, mesh) -> tuple[int, list[np.ndarray]]:
-    """Chunk size (a multiple of the device count) and this process's chunks of ``todo``.
-
-    A chunk the memory estimate says cannot fit is refused here, before any compute.
-    """
+def compute(problem, cfg, plan, mesh, out_dir: Path, todo: np.ndarray) -> None:
+    """Run this process's share of ``todo`` in chunks of the plan, saving each when done."""
     import jax
-    from crit.parallel import available_memory_bytes, process_chunks
-    from crit.protocol import estimate_bytes_per_init
+    from crit.parallel import process_chunks
 
-    n_dev = mesh.size
-    if FLAGS.chunk_size:
-        chunk = FLAGS.chunk_size
-        need = chunk * estimate_bytes_per_init(problem, cfg) / n_dev
-        free = available_memory_bytes()
-        if need > free:
-            raise app.UsageError(
-                f"--chunk_size={chunk}: about {need / 2**30:.1f} GiB per device is needed but "
-                f"{free / 2**30:.1f} GiB is free; lower --chunk_size (or 0 for automatic)")
-    else:
-        chunk = auto_chunk_size(problem, FLAGS.num_inits, cfg=cfg) * n_dev
-        # at least ~4 chunks when there is enough work: the progress bar moves and results are
-        # saved as they come; inside a chunk, groups of --vmap_width run one after another
-        # anyway, so smaller chunks cost next to nothing
-        chunk = min(chunk, max(cfg.vmap_width * n_dev, -(-FLAGS.num_inits // 4)))
-    chunk = balanced_chunk_size(FLAGS.num_inits, chunk, cfg.vmap_width * n_dev)
-    # The partition is over all init ids, never over what a process happens to see on disk,
-    # so processes that start at different times still split the work without overlap.
-    mine = process_chunks(np.arange(FLAGS.num_inits), chunk, jax.process_index(), jax.process_count())
-    mine = [c[np.isin(c, todo)] for c in mine]
-    return chunk, [c for c in mine if len(c)]
-
-
-def compute(problem, cfg, out_dir: Path, todo: np.ndarray) -> None:
-    """Run this process's chunks of ``todo``, saving each as soon as it is done."""
-    import jax
-    from crit.parallel import local_mesh
-
-    mesh = local_mesh()
-    chunk, mine = plan_chunks(problem, cfg, todo, mesh)
+    mine = process_chunks(todo, plan.chunk_size, jax.process_index(), jax.process_count(),
+                          unit=cfg.vmap_width, num_inits=FLAGS.num_inits)
     print(f"process {jax.process_index()}/{jax.process_count()}: {sum(map(len, mine))} inits "
-          f"in {len(mine)} chunks of {chunk} over {mesh.size} device(s)", flush=True)
+          f"in {len(mine)} chunks of {plan.chunk_size} over {mesh.size} device(s), groups of "
+          f"{cfg.vmap_width}; planned peak {plan.peak_bytes / 2**30:.3f} GiB of "
+          f"{plan.budget_bytes / 2**30:.1f} GiB per device", flush=True)
     if not mine:
         return
     chunk_fn = make_chunk_fn(problem, cfg, mesh)
     progress = common.Progress(sum(map(len, mine))) if FLAGS.progress else None
     for ids in mine:
         try:
-            records = run_chunk(chunk_fn, ids, chunk)
+            records = run_chunk(chunk_fn, ids, plan.chunk_size)
         except Exception as exc:  # XLA reports out-of-memory as a runtime error
             if "RESOURCE_EXHAUSTED" in str(exc) or "Out of memory" in str(exc):
-                raise app.UsageError(f"a chunk of {chunk} inits ran out of memory; lower "
-                                     f"--chunk_size (now {FLAGS.chunk_size or 'automatic'})"
-                                     ) from None
+                raise app.UsageError(
+                    f"a group of {cfg.vmap_width} vmapped inits ran out of memory (planned "
+                    f"{plan.peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB "
+                    f"per device): lower --vmap_width (now {cfg.vmap_width}) or --memory_gb"
+                    ) from None
             raise
         store.write_chunk(out_dir, records)
         if progress:
@@ -256,20 +274,21 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     validate()
-    common.start_cluster()
+    cluster.start_cluster()
     import jax
+    from crit.parallel import local_mesh
+    from crit.protocol import MemoryPlanError
 
     problem = common.problem_from_flags()
-    cfg = protocol_config(problem.n_params)
+    mesh = local_mesh()
+    try:
+        cfg, plan = memory_plan(problem, mesh)
+    except MemoryPlanError as exc:
+        raise app.UsageError(str(exc)) from None
     out_dir = Path(FLAGS.out_dir)
     lead = jax.process_index() == 0
+    resuming = cluster.agree_on_out_dir(out_dir, run_config(cfg, problem))
     try:
-        if lead:
-            resuming = store.prepare_out_dir(out_dir, run_config(cfg, problem), FLAGS.overwrite)
-        else:  # the lead writes config.json; the others wait for it and check it
-            from crit.parallel import wait_for
-            wait_for(lambda: (out_dir / store.CONFIG).exists(), 600, 0.2)
-            resuming = True
         done = store.load_chunks(out_dir)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
@@ -278,7 +297,7 @@ def main(argv):
           f"points, phi = P/(n·k) = {problem.phi:.3f}; {FLAGS.num_inits} inits, finder "
           f"{cfg.finder}, hessian {cfg.hessian}" + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""),
           flush=True)
-    compute(problem, cfg, out_dir, todo)
+    compute(problem, cfg, plan, mesh, out_dir, todo)
     if not lead:
         return
     from crit.parallel import all_chunks_present, wait_for
@@ -286,7 +305,10 @@ def main(argv):
     if not wait_for(lambda: all_chunks_present(out_dir, FLAGS.num_inits), FLAGS.assemble_timeout):
         raise RuntimeError(f"chunks of other processes are still missing in {out_dir}/chunks "
                            "after --assemble_timeout; rerun the same command to finish")
-    records = store.load_chunks(out_dir)
+    try:
+        records = store.load_chunks(out_dir)
+    except store.ResultsDirError as exc:
+        raise app.UsageError(str(exc)) from None
     ids = records["init_id"]
     if not np.array_equal(ids, np.arange(FLAGS.num_inits)):
         missing = sorted(set(range(FLAGS.num_inits)) - set(ids.tolist()))

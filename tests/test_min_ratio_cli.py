@@ -1,43 +1,39 @@
-"""The min_ratio app end to end on a tiny configuration: files, columns, resume, bad flags."""
+"""The min_ratio app end to end on a tiny configuration: files, columns, resume, faults, bad flags."""
 
-import csv
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.app_runner import ROOT, assert_same_results, kill_when, read_rows
+from tests.app_runner import run_app as _run
+
+# vmap width 2 > 1: the chunk-size tests then really compare groups of several vmapped inits
 TINY = ["--widths=3", "--n_points=16", "--train_steps=60", "--log_every=20",
-        "--finder_steps=4", "--progress=false", "--vmap_width=1"]
+        "--finder_steps=4", "--progress=false", "--vmap_width=2"]
 COLUMNS = ["init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n_neg", "n_null",
            "min_ratio", "index", "lambda_min", "lambda_max", "tolerance", "finder_iterations"]
+DATA_FILES = ["config.json", "curves.npz", "results.csv", "spectra.npz"]
 
 
 def run_app(*args, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "experiments.min_ratio", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def read_rows(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
+    return _run("min_ratio", *args, check=check, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mr") / "run"
-    proc = run_app(*TINY, "--num_inits=5", "--chunk_size=2", f"--out_dir={out}")
+    proc = run_app(*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={out}")
     return out, proc
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
 
 
 def test_every_output_file_and_column(tiny_run):
@@ -46,7 +42,7 @@ def test_every_output_file_and_column(tiny_run):
                  "min_ratio.pdf"):
         assert (out / name).stat().st_size > 0, name
     rows = read_rows(out / "results.csv")
-    assert [int(r["init_id"]) for r in rows] == list(range(5))
+    assert [int(r["init_id"]) for r in rows] == list(range(6))
     assert set(COLUMNS) <= set(rows[0])
     p = int(rows[0]["n_params"])
     assert p == 3 + 3 + 3 + 1
@@ -55,80 +51,151 @@ def test_every_output_file_and_column(tiny_run):
         assert int(r["n_pos"]) + int(r["n_neg"]) + int(r["n_null"]) == p
         assert float(r["min_ratio"]) == pytest.approx(int(r["n_pos"]) / p)
     with np.load(out / "spectra.npz", allow_pickle=False) as s:
-        assert s["eigenvalues"].shape == (5, p)
+        assert s["eigenvalues"].shape == (6, p)
         np.testing.assert_allclose(s["eigenvalues"].min(axis=1),
                                    [float(r["lambda_min"]) for r in rows], rtol=1e-12)
     with np.load(out / "curves.npz", allow_pickle=False) as c:
-        assert c["train_loss"].shape == (5, 4) and list(c["train_step"]) == [0, 20, 40, 60]
+        assert c["train_loss"].shape == (6, 4) and list(c["train_step"]) == [0, 20, 40, 60]
     config = json.loads((out / "config.json").read_text())
-    assert config["n_params"] == p and config["protocol"]["num_inits"] == 5
+    assert config["n_params"] == p and config["protocol"]["num_inits"] == 6
+    assert config["protocol"]["vmap_width"] == 2
     assert "jax" in config["environment"]["packages"] and config["environment"]["devices"]
-    assert "5 inits:" in proc.stdout and "Spearman" in proc.stdout or "critical" in proc.stdout
+    assert "6 inits: critical" in proc.stdout
+    assert "all (n=6): min ratio quantiles" in proc.stdout
     assert len(list((out / "chunks").glob("chunk_*.npz"))) == 3
 
 
 def test_chunk_size_does_not_change_results(tiny_run, tmp_path):
+    """Chunks of 2 (three chunks) and of 4 (the second one padded) give the same bits in every
+    file, with groups of 2 vmapped inits."""
     out, _ = tiny_run
-    run_app(*TINY, "--num_inits=5", "--chunk_size=5", f"--out_dir={tmp_path / 'c5'}")
-    a, b = read_rows(out / "results.csv"), read_rows(tmp_path / "c5" / "results.csv")
-    assert a == b  # every column, bit for bit (the CSV keeps full float64 precision)
+    run_app(*TINY, "--num_inits=6", "--chunk_size=4", f"--out_dir={tmp_path / 'c4'}")
+    assert len(list((tmp_path / "c4" / "chunks").glob("chunk_*.npz"))) == 2
+    assert assert_same_results(out, tmp_path / "c4") == DATA_FILES
 
 
 def test_resume_after_lost_chunk_and_stray_temp_file(tiny_run, tmp_path):
     out, _ = tiny_run
-    copy = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    copy = copy_run(out, tmp_path / "copy")
+    config_before = (copy / "config.json").read_bytes()
     chunks = sorted((copy / "chunks").glob("chunk_*.npz"))
     chunks[1].unlink()                                   # inits 2-3 lost
     (copy / "chunks" / ".tmp_partial").write_bytes(b"half a chunk")  # an interrupted write
     (copy / "results.csv").unlink()
-    proc = run_app(*TINY, "--num_inits=5", "--chunk_size=2", f"--out_dir={copy}")
+    proc = run_app(*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={copy}")
     assert "resuming, 2 inits left" in proc.stdout
-    assert (copy / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert assert_same_results(out, copy) == DATA_FILES
+    # a resume keeps the config.json of the run it continues
+    assert (copy / "config.json").read_bytes() == config_before
 
 
 def test_sigkill_mid_run_then_rerun_gives_identical_results(tiny_run, tmp_path):
     out, _ = tiny_run
     target = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = [sys.executable, "-m", "experiments.min_ratio", *TINY, "--num_inits=5",
-            "--chunk_size=1", f"--out_dir={target}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((target / "chunks").glob("chunk_*.npz"))) >= 2:
-            break
-        time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_app(*TINY, "--num_inits=5", "--chunk_size=1", f"--out_dir={target}")
-    a, b = read_rows(out / "results.csv"), read_rows(target / "results.csv")
-    assert len(b) == 5
-    for ra, rb in zip(a, b):
-        assert ra["init_id"] == rb["init_id"] and ra["status"] == rb["status"]
-        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-9)
+    args = [*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={target}"]
+    kill_when("min_ratio", args, lambda: any((target / "chunks").glob("chunk_*.npz")))
+    done = sorted(p.name for p in (target / "chunks").glob("chunk_*.npz"))
+    assert 1 <= len(done) and not (target / "results.csv").exists()
+    proc = run_app(*args)
+    assert "resuming" in proc.stdout
+    assert assert_same_results(out, target) == DATA_FILES
 
 
 def test_other_config_refused_unless_overwrite(tiny_run, tmp_path):
     out, _ = tiny_run
-    copy = tmp_path / "copy2"
-    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
-    proc = run_app(*TINY, "--num_inits=5", "--seed=7", f"--out_dir={copy}", check=False)
+    copy = copy_run(out, tmp_path / "copy2")
+    proc = run_app(*TINY, "--num_inits=6", "--seed=7", f"--out_dir={copy}", check=False)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr and "seed" in proc.stderr
     run_app(*TINY, "--num_inits=2", "--seed=7", f"--out_dir={copy}", "--overwrite")
     assert len(read_rows(copy / "results.csv")) == 2
 
 
-def test_damaged_chunk_is_reported_by_name(tiny_run, tmp_path):
+def test_version_change_is_refused_on_resume(tiny_run, tmp_path):
+    """Old chunks from other package versions are never mixed with new ones."""
     out, _ = tiny_run
-    copy = tmp_path / "copy3"
-    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    copy = copy_run(out, tmp_path / "copy_v")
+    config = json.loads((copy / "config.json").read_text())
+    config["environment"]["packages"]["jax"] = "0.0.1"
+    (copy / "config.json").write_text(json.dumps(config))
+    sorted((copy / "chunks").glob("chunk_*.npz"))[0].unlink()
+    proc = run_app(*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={copy}", check=False)
+    assert proc.returncode != 0
+    assert "other versions" in proc.stderr and "jax 0.0.1 ->" in proc.stderr
+    assert len(list((copy / "chunks").glob("chunk_*.npz"))) == 2  # nothing computed
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "short_field"])
+def test_damaged_chunk_is_named_and_never_loaded(tiny_run, tmp_path, damage):
+    out, _ = tiny_run
+    copy = copy_run(out, tmp_path / f"copy_{damage}")
     victim = sorted((copy / "chunks").glob("chunk_*.npz"))[0]
-    victim.write_bytes(b"not an npz")
-    proc = run_app(*TINY, "--num_inits=5", "--chunk_size=2", f"--out_dir={copy}", check=False)
+    if damage == "garbage":
+        victim.write_bytes(b"not an npz")
+    elif damage == "truncated":
+        data = victim.read_bytes()
+        victim.write_bytes(data[:len(data) // 2])
+    else:  # a well-formed file whose curves hold one row for two inits
+        with np.load(victim, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["curve_loss"] = arrays["curve_loss"][:1]
+        with open(victim, "wb") as fh:
+            np.savez(fh, **arrays)
+    (copy / "results.csv").unlink()
+    proc = run_app(*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={copy}", check=False)
     assert proc.returncode != 0 and victim.name in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (copy / "results.csv").exists()
+
+
+def test_second_run_into_a_directory_in_use_is_refused(tiny_run, tmp_path):
+    """While one run holds the results directory (its lock), another is refused before it
+    reads or writes anything; once the holder ends (here: a process killed by SIGKILL, which
+    cannot clean up) the directory is usable again."""
+    out, _ = tiny_run
+    copy = copy_run(out, tmp_path / "busy")
+    (copy / "results.csv").unlink()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from crit import store; "
+         f"store.lock_out_dir({str(copy)!r}); print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = run_app(*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={copy}",
+                       check=False)
+        assert proc.returncode != 0 and "in use by another run" in proc.stderr
+        assert f"pid {holder.pid}" in proc.stderr
+        assert not (copy / "results.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    run_app(*TINY, "--num_inits=6", "--chunk_size=2", f"--out_dir={copy}")
+    assert assert_same_results(out, copy) == DATA_FILES
+
+
+def test_memory_plan_is_checked_before_compute(tmp_path):
+    """The width, not the chunk, sets peak memory: a width that does not fit is refused naming
+    --vmap_width; when one init does not fit, the message names --hessian=lanczos."""
+    from crit.problems import mlp_problem
+    from crit.protocol import ProtocolConfig, estimate_bytes_per_init
+
+    problem = mlp_problem("sinc", widths=(3,), n_points=16)
+    per_init = estimate_bytes_per_init(problem, ProtocolConfig(hessian="dense"))
+    gib = 3.5 * per_init / 2**30                  # room for 3 inits, not 6
+    proc = run_app(*TINY, "--vmap_width=6", f"--memory_gb={gib}", "--num_inits=6",
+                   f"--out_dir={tmp_path / 'w'}", check=False)
+    assert proc.returncode != 0 and "--vmap_width=3 or less" in proc.stderr
+    assert not (tmp_path / "w").exists()
+    proc = run_app(*TINY, f"--memory_gb={0.5 * per_init / 2**30}",
+                   f"--out_dir={tmp_path / 'one'}", check=False)
+    assert proc.returncode != 0 and "--hessian=lanczos" in proc.stderr
+    assert not (tmp_path / "one").exists()
+    # automatic width under the same budget: chosen to fit, and the run goes through
+    proc = run_app(*[a for a in TINY if not a.startswith("--vmap_width")], f"--memory_gb={gib}",
+                   "--num_inits=3", f"--out_dir={tmp_path / 'auto'}")
+    assert json.loads((tmp_path / "auto" / "config.json").read_text()
+                      )["protocol"]["vmap_width"] == 1
+    assert "groups of 1" in proc.stdout
 
 
 @pytest.mark.parametrize("flag, needle", [
@@ -165,20 +232,28 @@ def test_foreign_directory_is_refused(tmp_path):
 
 
 def test_lanczos_mode_agrees_with_dense(tmp_path):
-    """Same point (gradnorm finder) analysed both ways: the exact ratio lies in the SLQ interval
-    and the extremal Ritz values match eigvalsh."""
-    common = ["--widths=4", "--n_points=24", "--train_steps=60", "--log_every=20",
+    """Same points (gradnorm finder) analysed both ways at P = 321 with 40 Lanczos steps
+    (P >> steps: no breakdown makes Lanczos exact): the exact fractions lie in the SLQ
+    intervals, and converged extremal Ritz values match eigvalsh. Krylov estimates sit in *_est
+    columns, never in the exact-count columns."""
+    common = ["--widths=16,16", "--n_points=24", "--train_steps=60", "--log_every=20",
               "--finder=gradnorm", "--finder_steps=10", "--progress=false", "--num_inits=2"]
     run_app(*common, "--hessian=dense", f"--out_dir={tmp_path / 'dense'}")
-    run_app(*common, "--hessian=lanczos", "--lanczos_steps=30", "--slq_probes=6",
+    run_app(*common, "--hessian=lanczos", "--lanczos_steps=40", "--slq_probes=6",
             "--hvp_batch_size=7", f"--out_dir={tmp_path / 'lanczos'}")
     dense = read_rows(tmp_path / "dense" / "results.csv")
     krylov = read_rows(tmp_path / "lanczos" / "results.csv")
+    assert int(dense[0]["n_params"]) == 321 and len(krylov) == 2
+    assert not {"n_pos", "n_neg", "n_null", "min_ratio", "index"} & set(krylov[0])
     for d, k in zip(dense, krylov):
         assert d["status"] == k["status"]
-        assert float(k["min_ratio_lo"]) <= float(d["min_ratio"]) <= float(k["min_ratio_hi"])
-        assert float(k["index_lo"]) <= float(d["index"]) <= float(k["index_hi"])
-        for col in ("lambda_min", "lambda_max"):
-            assert float(k[col]) == pytest.approx(float(d[col]), rel=1e-8)
+        for f in ("min_ratio", "index", "null_fraction"):
+            assert float(k[f + "_lo"]) <= float(d[f]) <= float(k[f + "_hi"]), f
+            assert float(k[f + "_lo"]) <= float(k[f + "_est"]) <= float(k[f + "_hi"]), f
+        assert k["lambda_max_converged"] == "True"
+        assert float(k["lambda_max"]) == pytest.approx(float(d["lambda_max"]), rel=1e-8)
+        if k["lambda_min_converged"] == "True":
+            assert float(k["lambda_min"]) == pytest.approx(float(d["lambda_min"]), rel=1e-6,
+                                                           abs=1e-9 * float(d["lambda_max"]))
     with np.load(tmp_path / "lanczos" / "spectra.npz", allow_pickle=False) as s:
-        assert s["slq_nodes"].shape == (2, 6, 30) and "eigenvalues" not in s.files
+        assert s["slq_nodes"].shape == (2, 6, 40) and "eigenvalues" not in s.files
