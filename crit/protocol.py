@@ -50,6 +50,7 @@ class ProtocolConfig(NamedTuple):
     minres_iters: int = 50
     hvp_batch_size: int = 0         # 0: the whole data set in one HVP
     vmap_width: int = 10            # inits vmapped together inside a chunk (see make_chunk_fn)
+    spectrum_dtype: str = "float64"  # finder + Hessian + eigvalsh (dense); "float32" for TPUs
 
 
 class InitRecord(NamedTuple):
@@ -152,25 +153,35 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
     if cfg.hessian != "dense":
         raise ValueError(f"unknown hessian mode {cfg.hessian!r}; allowed: dense, lanczos")
     params, log = train_init(problem, cfg, init_id)
-    found = find_critical_point(problem.loss_fn, params, cfg.finder, cfg.grad_tol,
-                                **finder_kwargs(cfg))
+    spectrum_dtype = jnp.float32 if cfg.spectrum_dtype == "float32" else jnp.float64
+    found = find_critical_point(problem.loss_fn, cast_params(params, spectrum_dtype), cfg.finder,
+                                cfg.grad_tol, **finder_kwargs(cfg))
     eigenvalues = jnp.linalg.eigvalsh(dense_hessian(problem.loss_fn, found.params))
+    # τ from the spectrum's own precision (P·ε₃₂·max|λ| for float32), then stored as float64
     summary = classify_spectrum(eigenvalues, cfg.eig_tol)
-    cert = certify(problem.loss_fn, found.params, jnp.max(jnp.abs(eigenvalues)), cfg.grad_tol,
-                   cfg.flat_tol)
+    summary = summary._replace(tolerance=summary.tolerance.astype(jnp.float64),
+                               lambda_min=summary.lambda_min.astype(jnp.float64),
+                               lambda_max=summary.lambda_max.astype(jnp.float64))
+    eigenvalues = eigenvalues.astype(jnp.float64)
+    # the certificate is always a float64 gradient norm (one gradient: cheap even where float64
+    # is emulated), so a float32 run never certifies a point float32 rounding only made look flat
+    cert = certify(problem.loss_fn, cast_params(found.params, jnp.float64),
+                   jnp.max(jnp.abs(eigenvalues)), cfg.grad_tol, cfg.flat_tol)
     return InitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
         train_loss=log.loss[-1].astype(jnp.float64),
         train_grad_norm=log.grad_norm[-1].astype(jnp.float64),
         finder_iterations=found.iterations, n_pos=summary.n_pos, n_neg=summary.n_neg,
-        n_null=summary.n_null, min_ratio=summary.min_ratio, index=summary.index,
-        null_fraction=summary.null_fraction, nonnull_ratio=summary.nonnull_ratio,
+        n_null=summary.n_null, min_ratio=summary.min_ratio.astype(jnp.float64),
+        index=summary.index.astype(jnp.float64),
+        null_fraction=summary.null_fraction.astype(jnp.float64),
+        nonnull_ratio=summary.nonnull_ratio.astype(jnp.float64),
         lambda_min=summary.lambda_min, lambda_max=summary.lambda_max,
         tolerance=summary.tolerance, eigenvalues=eigenvalues,
         curve_loss=log.loss.astype(jnp.float64),
         curve_grad_norm=log.grad_norm.astype(jnp.float64),
-        finder_history=found.history)
+        finder_history=found.history.astype(jnp.float64))
 
 
 def _hvp_batch(problem: Problem, cfg: ProtocolConfig):

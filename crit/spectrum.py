@@ -42,15 +42,20 @@ class SpectrumSummary(NamedTuple):
 
 
 def default_tolerance(eigenvalues: jnp.ndarray, scale: float = 1.0) -> jnp.ndarray:
-    """τ = scale · P · ε₆₄ · max|λ|, the numerical-rank tolerance of a symmetric P×P matrix.
+    """τ = scale · P · ε · max|λ|, the numerical-rank tolerance of a symmetric P×P matrix, with
+    ε the machine epsilon of the eigenvalues' dtype (ε₆₄ ≈ 2.2e-16; ε₃₂ ≈ 1.2e-7 for a float32
+    spectrum, e.g. on TPU: a float32 Hessian classified at the float64 tolerance would call
+    rounding noise positive or negative).
 
-    An eigenvalue below τ in magnitude cannot be told from zero by float64 ``eigvalsh``
-    (backward error ~ε‖H‖ per entry, summed over P). It does not cover the error from the point
-    being only approximately critical (null directions of a symmetry move by O(‖g‖)); pass a
-    larger τ (``--eig_tol``) to absorb that, or re-classify the stored raw eigenvalues.
+    An eigenvalue below τ in magnitude cannot be told from zero by ``eigvalsh`` in that
+    precision (backward error ~ε‖H‖ per entry, summed over P). It does not cover the error from
+    the point being only approximately critical (null directions of a symmetry move by
+    O(‖g‖)); pass a larger τ (``--eig_tol``) to absorb that, or re-classify the stored raw
+    eigenvalues.
     """
     p = eigenvalues.shape[-1]
-    return scale * p * EPS64 * jnp.max(jnp.abs(eigenvalues), axis=-1)
+    eps = float(jnp.finfo(eigenvalues.dtype).eps)
+    return scale * p * eps * jnp.max(jnp.abs(eigenvalues), axis=-1)
 
 
 def classify_spectrum(eigenvalues: jnp.ndarray, tolerance=None) -> SpectrumSummary:

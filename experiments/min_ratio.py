@@ -51,6 +51,10 @@ flags.DEFINE_integer("vmap_width", 0, "Inits vmapped together inside a chunk; gr
                      "results are bit-identical for any --chunk_size (across device and process "
                      "counts they agree to ~1e-12); chunks are rounded to a multiple of width x "
                      "devices.")
+flags.DEFINE_enum("spectrum_dtype", "float64", ["float64", "float32"],
+                  "Precision of the finder, the dense Hessian and eigvalsh. float32 is for TPUs "
+                  "(float64 is emulated there, slowly): τ becomes P·ε₃₂·max|λ|, and the "
+                  "certificate ‖∇L‖ ≤ --grad_tol is still a float64 gradient (BUILD.md).")
 flags.DEFINE_float("memory_gb", 0.0, "Memory one device may use, in GiB (0: what it reports; "
                    "set it when sharing a GPU). Sizes the plan; never changes results except "
                    "through an automatic --vmap_width.")
@@ -87,6 +91,9 @@ def validate() -> None:
         errors.append(f"--vmap_width={FLAGS.vmap_width}: must be >= 0 (0 = automatic)")
     if FLAGS.chunk_size < 0:
         errors.append(f"--chunk_size={FLAGS.chunk_size}: must be >= 0 (0 = automatic)")
+    if FLAGS.spectrum_dtype == "float32" and FLAGS.hessian == "lanczos":
+        errors.append("--spectrum_dtype=float32 is implemented for the dense Hessian only; use "
+                      "--hessian=dense (or auto with P <= --dense_max_params)")
     if not FLAGS.memory_gb >= 0:
         errors.append(f"--memory_gb={FLAGS.memory_gb}: must be >= 0 (0 = what the device has)")
     out = Path(FLAGS.out_dir)
@@ -112,7 +119,7 @@ def protocol_config(n_params: int, vmap_width: int) -> ProtocolConfig:
         momentum=FLAGS.momentum, train_steps=FLAGS.train_steps, log_every=FLAGS.log_every,
         train_dtype=FLAGS.train_dtype, finder=FLAGS.finder, finder_steps=common.finder_steps(),
         finder_lr=FLAGS.finder_lr, grad_tol=FLAGS.grad_tol, flat_tol=FLAGS.flat_tol,
-        eig_tol=FLAGS.eig_tol, vmap_width=vmap_width)
+        eig_tol=FLAGS.eig_tol, vmap_width=vmap_width, spectrum_dtype=FLAGS.spectrum_dtype)
 
 
 def default_vmap_width() -> int:
@@ -280,6 +287,10 @@ def main(argv):
     from crit.protocol import MemoryPlanError
 
     problem = common.problem_from_flags()
+    if FLAGS.spectrum_dtype == "float32" and hessian_mode(problem.n_params) == "lanczos":
+        raise app.UsageError(f"--spectrum_dtype=float32 is implemented for the dense Hessian "
+                             f"only; P = {problem.n_params} > --dense_max_params="
+                             f"{FLAGS.dense_max_params} selects Lanczos")
     mesh = local_mesh()
     try:
         cfg, plan = memory_plan(problem, mesh)

@@ -208,6 +208,9 @@ def test_memory_plan_is_checked_before_compute(tmp_path):
     ("--loss=xent", "--loss=xent"),
     ("--learning_rate=0", "--learning_rate"),
     ("--chunk_size=-3", "--chunk_size"),
+    ("--memory_gb=-1", "--memory_gb"),
+    ("--vmap_width=-1", "--vmap_width"),
+    ("--spectrum_dtype=float16", "spectrum_dtype"),
 ])
 def test_bad_flags_fail_before_compute(flag, needle, tmp_path):
     out = tmp_path / "never"
@@ -215,6 +218,15 @@ def test_bad_flags_fail_before_compute(flag, needle, tmp_path):
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert not out.exists()
+
+
+def test_float32_spectrum_with_lanczos_is_refused_before_compute(tmp_path):
+    for extra in (["--hessian=lanczos"], ["--hessian=auto", "--dense_max_params=5"]):
+        out = tmp_path / "never"
+        proc = run_app(*TINY, "--spectrum_dtype=float32", *extra, f"--out_dir={out}",
+                       check=False)
+        assert proc.returncode != 0 and "--spectrum_dtype=float32" in proc.stderr
+        assert not out.exists()
 
 
 def test_out_dir_that_is_a_file(tmp_path):

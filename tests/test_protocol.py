@@ -89,3 +89,40 @@ def test_fixed_vmap_width_makes_chunks_bit_identical():
                run_chunk(fn, np.arange(2, 4), 2).values())}
     for f in FIELDS:
         np.testing.assert_array_equal(four[f], two[f], err_msg=f)
+
+
+def test_float32_spectrum_path_is_honest():
+    """--spectrum_dtype=float32 (the TPU path): τ = P·ε₃₂·max|λ|, eigenvalues agree with the
+    float64 path to float32 accuracy, counts agree wherever |λ| is resolvable in float32, and
+    the certificate is a float64 gradient norm at the float32 point."""
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from crit.protocol import train_init
+
+    cfg64 = CFG._replace(vmap_width=2, finder="gradnorm", finder_steps=20)
+    cfg32 = cfg64._replace(spectrum_dtype="float32")
+    r64 = run_chunk(make_chunk_fn(PROBLEM, cfg64), np.arange(2), 2)
+    r32 = run_chunk(make_chunk_fn(PROBLEM, cfg32), np.arange(2), 2)
+    p = PROBLEM.n_params
+    for i in range(2):
+        scale = np.abs(r32["eigenvalues"][i]).max()
+        np.testing.assert_allclose(r32["tolerance"][i],
+                                   p * np.finfo(np.float32).eps * scale, rtol=1e-6)
+        assert r32["tolerance"][i] > 1e6 * r64["tolerance"][i]
+        np.testing.assert_allclose(r32["eigenvalues"][i], r64["eigenvalues"][i],
+                                   atol=1e-4 * scale)
+        resolvable = np.abs(r64["eigenvalues"][i]) > 10 * r32["tolerance"][i]
+        assert resolvable.sum() >= p // 2
+        assert ((r32["eigenvalues"][i] > 0) == (r64["eigenvalues"][i] > 0))[resolvable].all()
+        assert r32["n_pos"][i] + r32["n_neg"][i] + r32["n_null"][i] == p
+    # the stored gradient norm is the float64 norm at the point the float32 finder reached
+    params, _ = train_init(PROBLEM, cfg32, 0)
+    from crit.critical import find_critical_point
+    from crit.train import cast_params
+
+    found = find_critical_point(PROBLEM.loss_fn, cast_params(params, jnp.float32), "gradnorm",
+                                cfg32.grad_tol, num_steps=20, learning_rate=cfg32.finder_lr)
+    g = jax.grad(PROBLEM.loss_fn)(cast_params(found.params, jnp.float64))
+    np.testing.assert_allclose(r32["grad_norm"][0], np.linalg.norm(ravel_pytree(g)[0]),
+                               rtol=1e-6)
