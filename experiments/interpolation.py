@@ -53,8 +53,9 @@ flags.DEFINE_string("batch_alpha_range", "-1,2", "α range 'lo,hi' of the small�
 flags.DEFINE_integer("num_alphas", 151, "α values per line.")
 flags.DEFINE_string("zoom", "0.9,1.1", "α range 'lo,hi' of the high-resolution view.")
 flags.DEFINE_integer("zoom_points", 401, "α values of the high-resolution view.")
-flags.DEFINE_integer("chunk_size", 0, "α values evaluated at once per line (0: all). Never "
-                     "changes results.")
+flags.DEFINE_integer("chunk_size", 0, "α values evaluated at once per line, in one vmap (0: "
+                     "all; bounds memory). Part of the fingerprint: XLA rounds a batch of another "
+                     "width differently, so another value changes the last bits.")
 flags.DEFINE_string("out_dir", "runs/interpolation", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -65,7 +66,11 @@ FLAGS.set_default("widths", "32")
 FLAGS.set_default("n_points", 1437)
 
 OUTPUTS = ("lines.npz", "lines.csv", "models.csv", "projection.npz")
-NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
+# Shared flags (experiments/common.py) this app has no use for: given on the command line they
+# are refused rather than silently ignored, and they stay out of the fingerprint.
+UNUSED_SHARED = ("train_steps", "log_every", "finder", "finder_steps", "finder_lr", "grad_tol",
+                 "flat_tol", "eig_tol")
+NOT_PROTOCOL = ("out_dir", "overwrite") + UNUSED_SHARED
 
 
 def parse_range(name: str, errors: list[str]) -> tuple[float, float] | None:
@@ -82,12 +87,17 @@ def parse_range(name: str, errors: list[str]) -> tuple[float, float] | None:
     return lo, hi
 
 
+def unused_flag_errors() -> list[str]:
+    """One message per shared flag of :data:`UNUSED_SHARED` given on the command line."""
+    hints = {"train_steps": "mini-batch training counts --epochs"}
+    return [f"--{name}: does not apply to this app ({hints.get(name, 'it would be ignored')})"
+            for name in UNUSED_SHARED if FLAGS[name].present]
+
+
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = common.problem_errors()
-    if FLAGS["train_steps"].present:
-        errors.append("--train_steps: does not apply to this app (mini-batch training); use "
-                      "--epochs")
+    errors += unused_flag_errors()
     for name in ("alpha_range", "batch_alpha_range", "zoom"):
         parse_range(name, errors)
     for name, low in (("num_runs", 2), ("epochs", 1), ("small_batch", 1), ("large_batch", 1),

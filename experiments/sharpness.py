@@ -16,8 +16,11 @@ one b are vmapped). At each solution θ:
   regression (``crit.landscape.input_sensitivity``);
 * top Hessian eigenvalue λ_max of the full-batch training loss: exact (``eigvalsh`` of the dense
   symmetrized Hessian, built column by column from Hessian-vector products) when P ≤
-  ``--dense_max_params``, else ``--power_iters`` steps of power iteration on HVPs, which gives the
-  eigenvalue of largest magnitude (λ_max at a minimum). The method is stored per row.
+  ``--dense_max_params``, else the largest Ritz value of ``--lanczos_steps`` steps of Lanczos on
+  HVPs (``crit.lanczos.extremal_eigenpairs``), with its residual estimate ``lambda_max_residual``:
+  an eigenvalue lies within it. Lanczos gives the algebraically largest eigenvalue also where
+  the most negative one is larger in magnitude (power iteration would return that one). The
+  method is stored per row.
 
 Writes to ``--out_dir``: config.json, sharpness.csv (one row per model), sharpness.npz (the same
 columns, plus the full spectra when dense), sharpness.png/.pdf.
@@ -37,6 +40,7 @@ from jax.flatten_util import ravel_pytree
 from experiments import common
 from crit import landscape, store
 from crit.hessian import hvp_operator, symmetrize
+from crit.lanczos import extremal_eigenpairs
 from crit.train import cast_params, make_optimizer, minibatch_train, tree_norm
 
 FLAGS = flags.FLAGS
@@ -51,10 +55,12 @@ flags.DEFINE_enum("constraint", "box", ["box", "ball"], "ε-sharpness constraint
 flags.DEFINE_integer("sharpness_samples", 16, "Random starts of the ε-sharpness search.")
 flags.DEFINE_integer("ascent_steps", 20, "Projected ascent steps per start.")
 flags.DEFINE_integer("dense_max_params", 5000, "Largest P for the exact dense Hessian; above it "
-                     "λ_max comes from power iteration.")
-flags.DEFINE_integer("power_iters", 100, "Power-iteration steps when P > --dense_max_params.")
-flags.DEFINE_integer("chunk_size", 256, "Points / starts / Hessian columns evaluated at once "
-                     "(bounds memory; never changes results).")
+                     "λ_max comes from Lanczos on Hessian-vector products.")
+flags.DEFINE_integer("lanczos_steps", 100, "Lanczos steps (one Hessian-vector product each) for "
+                     "λ_max when P > --dense_max_params.")
+flags.DEFINE_integer("chunk_size", 256, "Points / starts / Hessian columns evaluated at once, "
+                     "in one vmap (bounds memory). Part of the fingerprint: XLA rounds a batch of "
+                     "another width differently, so another value changes the last bits.")
 flags.DEFINE_string("out_dir", "runs/sharpness", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -64,9 +70,14 @@ FLAGS.set_default("widths", "16")  # P = 1210: the dense Hessian of every model 
 FLAGS.set_default("n_points", 1437)
 
 OUTPUTS = ("sharpness.csv", "sharpness.npz")
-NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
+# Shared flags (experiments/common.py) this app has no use for: given on the command line they
+# are refused rather than silently ignored, and they stay out of the fingerprint.
+UNUSED_SHARED = ("train_steps", "log_every", "finder", "finder_steps", "finder_lr", "grad_tol",
+                 "flat_tol", "eig_tol")
+NOT_PROTOCOL = ("out_dir", "overwrite") + UNUSED_SHARED
 COLUMNS = ("batch_size", "run", "steps", "train_loss", "test_loss", "train_acc", "test_acc",
            "grad_norm", "sharpness", "sharpness_increase", "sensitivity", "lambda_max",
+           "lambda_max_residual",
            "hessian_method")
 
 
@@ -84,12 +95,17 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
+def unused_flag_errors() -> list[str]:
+    """One message per shared flag of :data:`UNUSED_SHARED` given on the command line."""
+    hints = {"train_steps": "mini-batch training counts --epochs"}
+    return [f"--{name}: does not apply to this app ({hints.get(name, 'it would be ignored')})"
+            for name in UNUSED_SHARED if FLAGS[name].present]
+
+
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = common.problem_errors()
-    if FLAGS["train_steps"].present:
-        errors.append("--train_steps: does not apply to this app (mini-batch training); use "
-                      "--epochs")
+    errors += unused_flag_errors()
     try:
         sizes = parse_batch_sizes(FLAGS.batch_sizes)
         too_big = [s for s in sizes if s > FLAGS.n_points]
@@ -99,7 +115,7 @@ def validate() -> None:
     except ValueError as exc:
         errors.append(str(exc))
     for name, low in (("epochs", 1), ("num_runs", 1), ("sharpness_samples", 1),
-                      ("ascent_steps", 0), ("dense_max_params", 1), ("power_iters", 1),
+                      ("ascent_steps", 0), ("dense_max_params", 1), ("lanczos_steps", 1),
                       ("chunk_size", 1)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
@@ -113,23 +129,19 @@ def validate() -> None:
 
 
 
-def hessian_or_power(loss_fn, params, key, dense: bool, chunk: int, power_iters: int):
-    """Dense: the symmetrized Hessian (P, P) (its ``eigvalsh`` is taken in NumPy, which on CPU
-    is much faster than XLA's). Otherwise: power iteration on HVPs, returning the Rayleigh
-    quotient of the final vector (the eigenvalue of largest magnitude)."""
+def hessian_or_lanczos(loss_fn, params, key, dense: bool, chunk: int, lanczos_steps: int):
+    """Dense: ``{"hessian": H}``, the symmetrized Hessian (P, P) (its ``eigvalsh`` is taken in
+    NumPy, which on CPU is much faster than XLA's). Otherwise ``{"lambda_max": θ, "lambda_max_
+    residual": ρ}``: the largest Ritz value of a Lanczos run on HVPs from a Gaussian start and its
+    residual estimate |β s_last| (an eigenvalue of H lies within ρ of θ)."""
     _, matvec = hvp_operator(loss_fn, params)
     p = ravel_pytree(params)[0].size
     if dense:
         eye = jnp.eye(p, dtype=jnp.float64)
-        return symmetrize(landscape.chunked_vmap(matvec, eye, chunk))  # rows H e_i
-
-    def body(_, v):
-        w = matvec(v)
-        return w / jnp.linalg.norm(w)
-
+        return {"hessian": symmetrize(landscape.chunked_vmap(matvec, eye, chunk))}  # rows H e_i
     v0 = jax.random.normal(key, (p,), jnp.float64)
-    v = jax.lax.fori_loop(0, power_iters, body, v0 / jnp.linalg.norm(v0))
-    return v @ matvec(v)
+    top = extremal_eigenpairs(matvec, v0, lanczos_steps, 1).largest
+    return {"lambda_max": top.values[0], "lambda_max_residual": top.residual_estimates[0]}
 
 
 def analyse(problem, dense: bool):
@@ -149,16 +161,15 @@ def analyse(problem, dense: bool):
             FLAGS.sharpness_samples, FLAGS.ascent_steps, constraint=FLAGS.constraint,
             chunk_size=FLAGS.chunk_size)
         sens = landscape.input_sensitivity(output, params, xte, FLAGS.chunk_size)
-        curvature = hessian_or_power(problem.loss_fn, params, jax.random.fold_in(key, 1), dense,
-                                     FLAGS.chunk_size, FLAGS.power_iters)
+        curvature = hessian_or_lanczos(problem.loss_fn, params, jax.random.fold_in(key, 1),
+                                       dense, FLAGS.chunk_size, FLAGS.lanczos_steps)
         acc = lambda x_, y_: (jnp.mean(jnp.argmax(problem.apply_fn(params, x_), -1) == y_)
                               if classification else jnp.nan)
         out = dict(train_loss=loss, test_loss=problem.batch_loss_fn(params, xte, yte),
                    train_acc=acc(xtr, ytr), test_acc=acc(xte, yte), grad_norm=tree_norm(grad),
                    sharpness=sharp.relative, sharpness_increase=sharp.increase,
                    sensitivity=sens)
-        out["hessian" if dense else "lambda_max"] = curvature
-        return out
+        return out | curvature
 
     return one
 
@@ -217,10 +228,14 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
+    dense = problem.n_params <= FLAGS.dense_max_params
+    if dense and FLAGS["lanczos_steps"].present:
+        raise app.UsageError(f"--lanczos_steps: does not apply: P = {problem.n_params} <= "
+                             f"--dense_max_params={FLAGS.dense_max_params}, so λ_max is exact "
+                             "(it would be ignored)")
     common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
     sizes = parse_batch_sizes(FLAGS.batch_sizes)
-    dense = problem.n_params <= FLAGS.dense_max_params
-    method = "dense" if dense else f"power{FLAGS.power_iters}"
+    method = "dense" if dense else f"lanczos{FLAGS.lanczos_steps}"
     n = problem.dataset.n_train
     print(f"{problem.name}: P = {problem.n_params}, n = {n}; batch sizes {sizes}, "
           f"{FLAGS.num_runs} runs each, {FLAGS.epochs} epochs of {FLAGS.optimizer}; λ_max {method}")
@@ -247,6 +262,7 @@ def main(argv):
             # one eigvalsh per run (NumPy's stacked call was several times slower here)
             out["eigenvalues"] = np.stack([np.linalg.eigvalsh(h) for h in out.pop("hessian")])
             out["lambda_max"] = out["eigenvalues"][:, -1]
+            out["lambda_max_residual"] = np.full(FLAGS.num_runs, np.nan)  # exact: no residual
         out.update(batch_size=np.full(FLAGS.num_runs, b), run=np.arange(FLAGS.num_runs),
                    steps=np.full(FLAGS.num_runs, FLAGS.epochs * (n // b)),
                    hessian_method=np.array([method] * FLAGS.num_runs))

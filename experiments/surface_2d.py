@@ -46,8 +46,9 @@ flags.DEFINE_enum("directions", "random", ["random", "hessian"], "Plane directio
                   "5000).")
 flags.DEFINE_integer("grid", 51, "Grid points per axis.")
 flags.DEFINE_float("extent", 1.0, "The grid covers [-extent, extent]² in (α, β).")
-flags.DEFINE_integer("chunk_size", 256, "Grid points evaluated at once (bounds memory; never "
-                     "changes results).")
+flags.DEFINE_integer("chunk_size", 256, "Grid points evaluated at once, in one vmap (bounds "
+                     "memory). Part of the fingerprint: XLA rounds a batch of another width "
+                     "differently, so another value changes the last bits.")
 flags.DEFINE_integer("record_every", 50, "Training snapshot every this many steps.")
 flags.DEFINE_string("out_dir", "runs/surface_2d", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
@@ -55,12 +56,22 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
 
 MAX_DENSE_PARAMS = 5000  # a P × P float64 Hessian of 5000 is 200 MB and one eigh of it
 OUTPUTS = ("surface.npz",)
-NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
+# Shared flags (experiments/common.py) this app has no use for: given on the command line they
+# are refused rather than silently ignored, and they stay out of the fingerprint.
+UNUSED_SHARED = ("log_every", "flat_tol", "eig_tol")
+NOT_PROTOCOL = ("out_dir", "overwrite") + UNUSED_SHARED
+
+
+def unused_flag_errors() -> list[str]:
+    """One message per shared flag of :data:`UNUSED_SHARED` given on the command line."""
+    return [f"--{name}: does not apply to this app (it would be ignored)"
+            for name in UNUSED_SHARED if FLAGS[name].present]
 
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = common.problem_errors()
+    errors += unused_flag_errors()
     if FLAGS.grid < 3:
         errors.append(f"--grid={FLAGS.grid}: must be >= 3")
     if not (math.isfinite(FLAGS.extent) and FLAGS.extent > 0):

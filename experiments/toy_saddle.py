@@ -9,12 +9,19 @@ Protocol (REFERENCES §1-2): exact gradient and Hessian at the origin by autodif
 tolerance-aware classification of the saddle and of two valley minima next to a bare λ > 0
 count; gradient descent from a start near the saddle. Prints the numbers, writes them to
 toy_saddle.json, and draws toy_saddle_surface.png/.pdf and toy_saddle_escape.png/.pdf.
+
+The results directory is handled like every app's (``crit.store.prepare_out_dir``): config.json
+with the fingerprint first, a rerun of the same command recomputes into it, another
+configuration is refused unless ``--overwrite``, and files are replaced atomically.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import platform
+import sys
 from pathlib import Path
 
 import jax
@@ -23,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 import crit  # noqa: F401  (float64 on)
-from crit import plots, toy
+from crit import plots, store, toy
 from crit.hessian import dense_hessian
 from crit.spectrum import classify_spectrum, default_tolerance
 
@@ -35,6 +42,8 @@ flags.DEFINE_string("start", "0.01,0.012", "Gradient-descent start 'w1,w2' (defa
                     "saddle, off the diagonal w1 = w2).")
 flags.DEFINE_integer("grid_size", 201, "Points per axis of the error-surface grid.")
 flags.DEFINE_float("extent", 2.0, "The surface is drawn over [-extent, extent]².")
+flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
+                  "--out_dir.")
 
 MAX_GRID = 4001
 #: Closed forms and autodiff must agree to this (absolute) accuracy, or the app stops.
@@ -43,6 +52,8 @@ CHECK_TOL = 1e-12
 CLASSIFY_POINTS = {"origin": (0.0, 0.0), "valley_1_1": (1.0, 1.0), "valley_2_0.5": (2.0, 0.5)}
 #: Distances t printed along the escape direction.
 ESCAPE_TS = (0.05, 0.1, 0.2, 0.5, 1.0)
+OUTPUTS = ("toy_saddle.json",)
+NOT_PROTOCOL = ("out_dir", "overwrite")
 
 
 def parse_start(text: str) -> tuple[float, float]:
@@ -195,6 +206,27 @@ def json_ready(value):
     return value
 
 
+def environment() -> dict:
+    """Versions and devices for config.json (the app does not import experiments.common, whose
+    problem flags would otherwise be accepted here and ignored)."""
+    versions = {}
+    for pkg in ("jax", "jaxlib", "numpy", "matplotlib", "absl-py"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"crit": crit.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform(), "packages": versions,
+            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
+
+
+def run_config() -> dict:
+    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+    protocol = {k: v for k, v in own.items() if k not in NOT_PROTOCOL}
+    return {"experiment": "toy_saddle", "protocol": protocol, "flags": own,
+            "environment": environment()}
+
+
 def fmt(values) -> str:
     return "(" + ", ".join(f"{v:+.6g}" for v in np.ravel(values)) + ")"
 
@@ -205,6 +237,11 @@ def main(argv):
     validate()
     start = parse_start(FLAGS.start)
     out_dir = Path(FLAGS.out_dir)
+    try:
+        store.prepare_out_dir(out_dir, run_config(), FLAGS.overwrite, outputs=OUTPUTS,
+                              chunked=False)
+    except store.ResultsDirError as exc:
+        raise app.UsageError(str(exc)) from None
 
     origin = analyze_origin()
     escape = np.asarray(origin["escape_direction"])
@@ -265,7 +302,6 @@ def main(argv):
     else:
         print("  warning: gradient descent diverged (non-finite iterates); lower --lr")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     axis = np.linspace(-FLAGS.extent, FLAGS.extent, FLAGS.grid_size)
     w1, w2 = np.meshgrid(axis, axis)
     grid = jnp.stack([w1.ravel(), w2.ravel()], axis=1)
@@ -278,8 +314,8 @@ def main(argv):
                         "grid_size": FLAGS.grid_size, "extent": FLAGS.extent},
               "origin": origin, "escape_line": line | {"decreasing": decreasing},
               "classification": classes, "gradient_descent": gd}
-    (out_dir / "toy_saddle.json").write_text(
-        json.dumps(json_ready(record), indent=2, allow_nan=False) + "\n")
+    store.atomic_write_text(out_dir / "toy_saddle.json",
+                            json.dumps(json_ready(record), indent=2, allow_nan=False) + "\n")
     print(f"wrote {out_dir}/toy_saddle.json, toy_saddle_surface.png/.pdf, "
           "toy_saddle_escape.png/.pdf")
 

@@ -37,12 +37,22 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
                   "--out_dir.")
 
 OUTPUTS = ("curves.npz", "runs.csv")
-NOT_PROTOCOL = ("out_dir", "overwrite")
+# Shared flags (experiments/common.py) this app has no use for: given on the command line they
+# are refused rather than silently ignored, and they stay out of the fingerprint.
+UNUSED_SHARED = ("flat_tol", "eig_tol")
+NOT_PROTOCOL = ("out_dir", "overwrite") + UNUSED_SHARED
+
+
+def unused_flag_errors() -> list[str]:
+    """One message per shared flag of :data:`UNUSED_SHARED` given on the command line."""
+    return [f"--{name}: does not apply to this app (it would be ignored)"
+            for name in UNUSED_SHARED if FLAGS[name].present]
 
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = common.problem_errors()
+    errors += unused_flag_errors()
     if FLAGS.num_runs < 1:
         errors.append(f"--num_runs={FLAGS.num_runs}: must be >= 1")
     out = Path(FLAGS.out_dir)

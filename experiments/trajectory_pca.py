@@ -12,7 +12,7 @@ one layer (``--layer``). One colour per run; the loss is written at each run's l
 ``--annotate_every`` snapshots if asked).
 
 Writes to ``--out_dir``: config.json, trajectories.npz (snapshots, losses, coordinates, explained
-variance), runs.csv (one row per run), trajectory_pca.png/.pdf.
+variance ratios), runs.csv (one row per run), trajectory_pca.png/.pdf.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
                   "--out_dir.")
 
 OUTPUTS = ("trajectories.npz", "runs.csv")
-NOT_PROTOCOL = ("out_dir", "overwrite", "annotate_every")
+# Shared flags (experiments/common.py) this app has no use for: given on the command line they
+# are refused rather than silently ignored, and they stay out of the fingerprint.
+UNUSED_SHARED = ("log_every", "finder", "finder_steps", "finder_lr", "grad_tol", "flat_tol",
+                 "eig_tol")
+NOT_PROTOCOL = ("out_dir", "overwrite", "annotate_every") + UNUSED_SHARED
 
 
 def layer_names(widths: tuple[int, ...]) -> list[str]:
@@ -52,9 +56,16 @@ def layer_names(widths: tuple[int, ...]) -> list[str]:
     return [f"Dense_{i}" for i in range(len(widths) + 1)]
 
 
+def unused_flag_errors() -> list[str]:
+    """One message per shared flag of :data:`UNUSED_SHARED` given on the command line."""
+    return [f"--{name}: does not apply to this app (it would be ignored)"
+            for name in UNUSED_SHARED if FLAGS[name].present]
+
+
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = common.problem_errors()
+    errors += unused_flag_errors()
     if FLAGS.num_runs < 1:
         errors.append(f"--num_runs={FLAGS.num_runs}: must be >= 1")
     if FLAGS.train_steps == 0:
@@ -164,8 +175,8 @@ def main(argv):
     store.atomic_save_npz(out_dir / "trajectories.npz", {
         "step": steps, "loss": loss, "grad_norm": gnorm, "params": flat,
         "coords_model": np.asarray(whole.coords), "coords_layer": np.asarray(layer.coords),
-        "explained_variance_model": np.asarray(whole.explained_variance_ratio),
-        "explained_variance_layer": np.asarray(layer.explained_variance_ratio),
+        "explained_variance_ratio_model": np.asarray(whole.explained_variance_ratio),
+        "explained_variance_ratio_layer": np.asarray(layer.explained_variance_ratio),
         "components_model": np.asarray(whole.components),
         "components_layer": np.asarray(layer.components), "layer": np.array(FLAGS.layer)})
     store.write_csv(out_dir / "runs.csv", {

@@ -4,7 +4,6 @@ Autodiff (crit.hessian) is checked against the closed forms and finite differenc
 spectrum classification against the known saddle / valley structure; the app end to end.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -188,7 +187,7 @@ def test_newton_lands_on_the_quadratic_saddle():
     assert float(res.grad_norm) <= 1e-10
 
 
-# --- the app ------------------------------------------------------------------------------------
+# --- the app (its tiny run, files and kill-and-rerun test are in test_landscape_apps.py) ----------
 
 
 def run_app(*args, timeout=120):
@@ -197,35 +196,6 @@ def run_app(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "experiments.toy_saddle", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def test_app_writes_figures_and_numbers(tmp_path):
-    out = tmp_path / "toy"
-    proc = run_app("--out_dir", str(out), "--grid_size=21", "--steps=20")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("toy_saddle_surface.png", "toy_saddle_surface.pdf", "toy_saddle_escape.png",
-                 "toy_saddle_escape.pdf", "toy_saddle.json"):
-        assert (out / name).stat().st_size > 0, name
-    assert "saddle" in proc.stdout
-    rec = json.loads((out / "toy_saddle.json").read_text())
-    o = rec["origin"]
-    np.testing.assert_allclose(o["gradient"], [0.0, 0.0], atol=1e-15)
-    np.testing.assert_allclose(o["hessian"], [[0.0, -2.0], [-2.0, 0.0]], atol=1e-15)
-    np.testing.assert_allclose(o["eigenvalues"], [-2.0, 2.0], atol=1e-14)
-    np.testing.assert_allclose(o["escape_direction"], ESCAPE, atol=1e-14)
-    assert rec["escape_line"]["decreasing"] is True
-    c = rec["classification"]
-    assert (c["origin"]["n_pos"], c["origin"]["n_neg"], c["origin"]["n_null"]) == (1, 1, 0)
-    assert c["origin"]["verdict"] == "saddle"
-    for key in ("valley_1_1", "valley_2_0.5"):
-        assert (c[key]["n_pos"], c[key]["n_neg"], c[key]["n_null"]) == (1, 0, 1)
-    for v in c.values():
-        assert v["bare_positive_ratio"] == 0.5 and v["min_ratio"] == 0.5
-    gd = rec["gradient_descent"]
-    assert gd["steps"] == 20 and gd["start"] == [0.01, 0.012] and gd["finite"] is True
-    path, losses = toy.gradient_descent_path(toy.toy_loss, jnp.array([0.01, 0.012]), 0.05, 20)
-    np.testing.assert_allclose(gd["end"], path[-1], rtol=1e-12)
-    np.testing.assert_allclose(gd["final_loss"], losses[-1], rtol=1e-12)
 
 
 def test_app_rejects_bad_flags_before_writing(tmp_path):
