@@ -7,10 +7,12 @@ Protocol (REFERENCES §6). Data: scikit-learn's 8×8 digits averaged over ``--do
 blocks (default 2: 4×4 images, 16 inputs), shuffled with --data_seed; the first --n_points images
 train, the rest test (1437 / 360 by default). Model: 16-w-10 MLP (--activation, default relu),
 softmax cross-entropy. For every width w of --widths_list, --num_inits inits (init i: key
-fold_in(PRNGKey(seed), i), the same keys for every width) are trained in one vmapped call
-(chunks of --chunk_size inits if set) by --optimizer on mini-batches of --batch_size (a fresh
-permutation per epoch and init; 0 = full batch) for --epochs epochs, in --train_dtype; final
-losses are then evaluated in float64 on the full train and test sets.
+fold_in(PRNGKey(seed), i), the same keys for every width) are trained by --optimizer on
+mini-batches of --batch_size (a fresh permutation per epoch and init; 0 = full batch) for
+--epochs epochs, in --train_dtype; final losses are then evaluated in float64 on the full train
+and test sets. Inits run in groups of --vmap_width vmapped inits (``lax.map``), --chunk_size
+inits per compiled call: every group is the same XLA program, so init i's numbers do not depend
+on --chunk_size or --num_inits (a vmap as wide as the chunk would round them differently).
 
 Reported per width: mean, std and quantiles of the final test loss
 (crit.theory.loss_spread_table), the train–test loss correlation (Pearson and Spearman,
@@ -41,8 +43,11 @@ flags.DEFINE_integer("seed", 0, "Root seed; init i uses fold_in(PRNGKey(seed), i
 flags.DEFINE_integer("downsample", 2, "Average digits over s×s pixel blocks (1, 2, 4 or 8).")
 flags.DEFINE_integer("batch_size", 100, "Mini-batch size (0: full batch).")
 flags.DEFINE_integer("epochs", 40, "Training epochs (passes over the training set).")
-flags.DEFINE_integer("chunk_size", 0, "Inits per vmapped call (0: all at once). Never changes "
-                     "results.")
+flags.DEFINE_integer("chunk_size", 0, "Inits per compiled call (0: all at once), rounded up to "
+                     "a multiple of --vmap_width. Never changes results.")
+flags.DEFINE_integer("vmap_width", 0, "Inits vmapped together; groups of this many run one "
+                     "after another (0: min(--num_inits, 10)). Part of the fingerprint: XLA may "
+                     "round a batched op differently at another width.")
 flags.DEFINE_integer("bins", 40, "Histogram bins.")
 flags.DEFINE_string("out_dir", "runs/loss_distribution", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
@@ -56,12 +61,15 @@ FLAGS.set_default("learning_rate", 0.1)
 FLAGS.set_default("train_dtype", "float32")
 
 OUTPUTS = ("results.csv", "spread.csv")
-NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size", "bins", "coordinator_address",
-                "num_processes", "process_id", "distributed_auto", "assemble_timeout")
-# Flags of experiments.common that this app fixes or replaces.
+# Flags of experiments.common that this app fixes, replaces or never reads.
 NOT_APPLICABLE = {"widths": "use --widths_list", "train_steps": "use --epochs",
                   "dim_in": "digits has 16 (downsample 2) inputs",
-                  "dim_out": "digits has 10 classes"}
+                  "dim_out": "digits has 10 classes",
+                  "log_every": "only final losses are recorded",
+                  **{name: "no critical point is sought; final losses after training are "
+                     "compared" for name in ("finder", "finder_steps", "finder_lr", "grad_tol",
+                                             "flat_tol", "eig_tol")}}
+NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size", "bins", *NOT_APPLICABLE)
 CHOROMANSKA = ("Choromanska et al. (2015), 1 hidden layer of 25-500 units on 10×10 MNIST, SGD: "
                "the test-loss histogram moves down and narrows as the width grows (small nets "
                "have a tail of poor runs), and the train–test loss correlation falls.")
@@ -99,7 +107,8 @@ def validate() -> None:
         e.append(f"--downsample={FLAGS.downsample}: must be 1, 2, 4 or 8 (divides 8)")
     if FLAGS.num_inits < 3:
         e.append(f"--num_inits={FLAGS.num_inits}: must be >= 3 (a correlation needs 3 runs)")
-    for name, low in (("epochs", 1), ("batch_size", 0), ("chunk_size", 0), ("bins", 2)):
+    for name, low in (("epochs", 1), ("batch_size", 0), ("chunk_size", 0), ("vmap_width", 0),
+                      ("bins", 2)):
         if getattr(FLAGS, name) < low:
             e.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
     if FLAGS.batch_size > FLAGS.n_points >= 1:
@@ -110,6 +119,12 @@ def validate() -> None:
         e.append(f"--out_dir={out}: is a file, not a directory")
     if e:
         raise app.UsageError("\n".join(e))
+
+
+def vmap_width() -> int:
+    """--vmap_width resolved; 0 means min(num_inits, 10): on CPU groups of 10 keep a group's
+    activations in cache (crit.protocol makes the same choice for min_ratio)."""
+    return FLAGS.vmap_width or min(FLAGS.num_inits, 10)
 
 
 def problem_for(width: int):
@@ -125,7 +140,7 @@ def run_config(problems) -> dict:
     shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     first = next(iter(problems.values()))
-    protocol.update(loss=first.loss_name)
+    protocol.update(loss=first.loss_name, vmap_width=vmap_width())
     return {"experiment": "loss_distribution", "protocol": protocol, "flags": shared | own,
             "n_params": {str(w): p.n_params for w, p in problems.items()},
             "n_train": first.dataset.n_train, "n_test": int(first.dataset.x_test.shape[0]),
@@ -133,9 +148,10 @@ def run_config(problems) -> dict:
             "environment": common.environment()}
 
 
-def make_trainer(problem):
-    """``init_ids -> dict of per-init final metrics``: jit(vmap(train one init)) with
-    :func:`crit.train.minibatch_train` (batch order key: fold_in(init key, 1))."""
+def make_trainer(problem, width: int):
+    """``init_ids -> dict of per-init final metrics`` with :func:`crit.train.minibatch_train`
+    (batch order key: fold_in(init key, 1)): jit(lax.map(train one init, batch_size=width)),
+    for a number of ids that is a multiple of ``width`` (every group the same program)."""
     import jax
     import jax.numpy as jnp
     from crit.train import cast_params, make_optimizer, minibatch_train
@@ -154,13 +170,13 @@ def make_trainer(problem):
         params = minibatch_train(problem.batch_loss_fn, opt, params, x, y,
                                  jax.random.fold_in(key, 1), batch, FLAGS.epochs)
         params = cast_params(params, jnp.float64)
-        acc = lambda xs, ys: jnp.mean(jnp.argmax(problem.apply_fn(params, xs), -1) == ys)
+        correct = lambda xs, ys: jnp.sum(jnp.argmax(problem.apply_fn(params, xs), -1) == ys)
         return dict(train_loss=problem.loss_fn(params),
                     test_loss=problem.batch_loss_fn(params, x_test, y_test),
-                    train_acc=acc(jnp.asarray(d.x_train), jnp.asarray(d.y_train)),
-                    test_acc=acc(x_test, y_test))
+                    train_correct=correct(jnp.asarray(d.x_train), jnp.asarray(d.y_train)),
+                    test_correct=correct(x_test, y_test))
 
-    return jax.jit(jax.vmap(one))
+    return jax.jit(lambda ids: jax.lax.map(one, ids, batch_size=width))
 
 
 def train_width(problem) -> dict:
@@ -168,16 +184,24 @@ def train_width(problem) -> dict:
     import jax
     import jax.numpy as jnp
 
-    fn = make_trainer(problem)
+    width = vmap_width()
+    fn = make_trainer(problem, width)
     ids = np.arange(FLAGS.num_inits)
     chunk = FLAGS.chunk_size or FLAGS.num_inits
+    chunk = -(-chunk // width) * width  # whole groups only: a short group is another program
     parts = []
     for start in range(0, FLAGS.num_inits, chunk):
         part = ids[start:start + chunk]
         padded = np.concatenate([part, np.full(chunk - len(part), part[-1])])
         out = jax.device_get(fn(jnp.asarray(padded)))
         parts.append({k: np.asarray(v)[:len(part)] for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # accuracies as count / n in numpy, correctly rounded (a float32 mean on the device stored
+    # 51/600 as 0.0850000009, and XLA may divide by multiplying with 1/n)
+    d = problem.dataset
+    out["train_acc"] = out.pop("train_correct") / d.n_train
+    out["test_acc"] = out.pop("test_correct") / len(d.y_test)
+    return out
 
 
 def figures(widths, results, table, corr, out_dir: Path, title: str):

@@ -85,8 +85,11 @@ FLAGS.set_default("finder_steps", 50)
 
 OUTPUTS = ("saddles.csv", "escape_line.csv", "restarts.npz", "optimizers.csv",
            "optimizers.npz", "toys.npz")
-NOT_PROTOCOL = ("out_dir", "overwrite", "coordinator_address", "num_processes", "process_id",
-                "distributed_auto", "assemble_timeout")
+# Flags of experiments.common that this app replaces or never reads.
+NOT_APPLICABLE = {"train_steps": "training runs to the last step of --snapshots",
+                  "log_every": "no training curve is recorded",
+                  "train_dtype": "training, finder and spectra are all float64 here"}
+NOT_PROTOCOL = ("out_dir", "overwrite", *NOT_APPLICABLE)
 METHODS = ("gd", "momentum", "adam", "pgd", "sfn")
 METHOD_LABEL = {"gd": "gradient descent", "momentum": "momentum 0.9", "adam": "Adam",
                 "pgd": "perturbed GD", "sfn": "saddle-free Newton"}
@@ -121,6 +124,9 @@ def parse_damping(text: str) -> tuple[float, ...]:
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     e = common.problem_errors()
+    for name, why in NOT_APPLICABLE.items():
+        if FLAGS[name].present:
+            e.append(f"--{name}: does not apply to this app ({why})")
     for parse in (lambda: parse_ints("snapshots", FLAGS.snapshots),
                   lambda: parse_damping(FLAGS.sfn_damping)):
         try:
@@ -597,7 +603,12 @@ def main(argv):
     store.write_csv(out_dir / "escape_line.csv", {k: np.asarray(v) for k, v in rows.items()})
     store.atomic_save_npz(out_dir / "restarts.npz", {
         "saddle_loss": np.array([st["loss_star"] for st in studies]),
+        # λ_min of the dense Hessian, or with P > --dense_max_params the smallest Ritz value
+        # of --lanczos_steps Lanczos steps: its residual ‖Hu − λu‖ and converged flag say which
         "eigenvalue": np.array([st["eigenvalue"] for st in studies]),
+        "eigenvalue_residual": np.array([st["residual"] for st in studies]),
+        "eigenvalue_converged": np.array([st["converged"] for st in studies]),
+        "eigenvalue_method": np.asarray("lanczos" if p > FLAGS.dense_max_params else "dense"),
         "restart_u": np.stack([st["restart_u"] for st in studies]),  # (S, 2, T+1): +u, −u
         "restart_v": np.stack([st["restart_v"] for st in studies]),  # (S, K, T+1)
         "direction": np.stack([st["direction"] for st in studies]),

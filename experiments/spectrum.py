@@ -16,8 +16,19 @@ Rademacher probes of --lanczos_steps steps: spectral densities (linear and log|�
 fractions of positive / negative / null eigenvalues with intervals (crit.slq.slq_fractions).
 
 Outputs in --out_dir: spectrum.csv (one row per snapshot), spectrum.npz (SLQ nodes, weights,
-Ritz values, the training curve, a tolerance sweep, exact eigenvalues when dense),
-spectrum_density.png/.pdf, spectrum_summary.png/.pdf, config.json.
+Ritz values, the training curve every --log_every steps, a tolerance sweep, exact eigenvalues
+when dense), spectrum_density.png/.pdf, spectrum_summary.png/.pdf, config.json, and
+chunks/chunk_<snapshot>_000001.npz: each snapshot's analysis is saved as soon as it is done, so
+a killed run, rerun with the same command, analyses only the snapshots still missing and writes
+the same files as an uninterrupted run.
+
+Column names say what a number is. SLQ estimates end in ``_est`` (``min_ratio_est``,
+``index_est``, ``null_fraction_est``) next to their intervals ``_lo``/``_hi``; ``lambda_min``
+and ``lambda_max`` are the extremal Ritz values of one Lanczos run (with ``*_converged``
+flags). There are no estimated integer counts (f·P need not be an integer, nor sum to P).
+Exact values exist only with --compare_dense (dense Hessian + eigvalsh): ``n_pos``, ``n_neg``,
+``n_null``, ``min_ratio``, ``index``, ``null_fraction`` under the same τ, and
+``exact_lambda_min``/``exact_lambda_max``; without it these columns are absent.
 
 The minimum ratio at the default tolerance τ = P·ε·max|λ| asks for the sign of eigenvalues
 down to ~1e-11·‖H‖, far below what m Lanczos steps resolve (~‖H‖/m²) when a bulk sits near
@@ -54,7 +65,8 @@ flags.DEFINE_integer("num_eigs", 5, "Extremal Ritz values reported at each end (
 flags.DEFINE_integer("hvp_batch_size", 0, "Data rows per HVP batch (exact n_b/N weights); 0: "
                      "all data at once through one shared linearization (fastest).")
 flags.DEFINE_integer("probe_batch", 0, "Lanczos runs at once (0: all --slq_probes + 1); lower "
-                     "it to bound memory, (runs at once)·m·P floats, for very large P.")
+                     "it to bound memory, (runs at once)·m·P floats, for very large P. Part of "
+                     "the fingerprint: another vmap width may round the last bits differently.")
 flags.DEFINE_bool("compare_dense", None, "Also compute the exact eigenvalues (dense Hessian + "
                   "eigvalsh) and draw them over the SLQ density. Default: on iff P <= 3000.")
 flags.DEFINE_float("tol_scale", 1.0, "τ = tol_scale·P·ε·max|θ| when --eig_tol is not set.")
@@ -68,17 +80,29 @@ for _name, _value in (("dataset", "digits"), ("widths", "300,300"), ("n_points",
                       ("train_steps", 500), ("learning_rate", 1e-3), ("log_every", 10)):
     FLAGS.set_default(_name, _value)
 
+# Flags of experiments.common that do not apply here: no critical point is sought.
+NOT_APPLICABLE = {name: "this app takes spectra along the training trajectory; no critical "
+                  "point is sought" for name in ("finder", "finder_steps", "finder_lr",
+                                                  "grad_tol", "flat_tol")}
 AUTO_DENSE_MAX_P = 3000
 DENSE_LIMIT_P = 20000  # a P x P float64 Hessian of 3.2 GB; eigvalsh takes many minutes
 SWEEP_REL_TOLS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # τ / max|θ| for the tolerance sweep
 OUTPUTS = ("spectrum.csv", "spectrum.npz")
+# SLQ estimates (suffix _est, intervals _lo/_hi) and extremal Ritz values: every run.
+ESTIMATED = ("min_ratio", "index", "null_fraction")
 CSV_COLUMNS = ("step", "loss", "grad_norm", "lambda_min", "lambda_max", "lambda_min_converged",
-               "lambda_max_converged", "min_ratio", "min_ratio_lo", "min_ratio_hi", "index",
-               "index_lo", "index_hi", "null_fraction", "null_fraction_lo",
-               "null_fraction_hi", "tolerance", "num_matvecs", "seconds",
-               "exact_min_ratio", "exact_index", "exact_null_fraction", "exact_lambda_min",
-               "exact_lambda_max")
-# The results directory accepts only files crit writes; register this app's data files.
+               "lambda_max_converged", "min_ratio_est", "min_ratio_lo", "min_ratio_hi",
+               "index_est", "index_lo", "index_hi", "null_fraction_est", "null_fraction_lo",
+               "null_fraction_hi", "tolerance", "num_matvecs")
+# Exact counts and fractions (same τ) and extremal eigenvalues: only with --compare_dense.
+DENSE_COLUMNS = ("n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
+                 "exact_lambda_min", "exact_lambda_max")
+# Fields of crit.krylov.KrylovSpectrum kept per snapshot (prefixed "spec_" in the chunks).
+SPEC_FIELDS = ("lambda_min", "lambda_max", "lambda_min_converged", "lambda_max_converged",
+               "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo", "index_hi",
+               "null_fraction", "null_fraction_lo", "null_fraction_hi", "tolerance",
+               "num_matvecs", "nodes", "weights", "node_residuals", "node_valid", "largest",
+               "largest_residuals", "smallest", "smallest_residuals")
 
 
 def parse_snapshots(text: str, train_steps: int) -> list[int]:
@@ -105,6 +129,9 @@ def parse_snapshots(text: str, train_steps: int) -> list[int]:
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = common.problem_errors()
+    for name, why in NOT_APPLICABLE.items():
+        if FLAGS[name].present:
+            errors.append(f"--{name}: does not apply to this app ({why})")
     try:
         parse_snapshots(FLAGS.snapshots, max(FLAGS.train_steps, 0))
     except ValueError as exc:
@@ -148,7 +175,8 @@ def run_config(problem, snapshots, dense: bool) -> dict:
         "dataset", "n_points", "data_seed", "dim_in", "dim_out", "widths", "activation",
         "use_bias", "loss", "l2", "optimizer", "learning_rate", "momentum", "train_steps",
         "train_dtype", "seed", "init_id", "lanczos_steps", "slq_probes", "num_eigs",
-        "hvp_batch_size", "eig_tol", "tol_scale", "z")}
+        "hvp_batch_size", "probe_batch", "eig_tol", "tol_scale", "z", "log_every",
+        "density_sigma", "log_sigma")}
     protocol.update(problem=problem.name, loss=problem.loss_name, snapshots=snapshots,
                     compare_dense=dense)
     module_flags = FLAGS.get_flags_for_module(sys.modules[__name__])
@@ -210,7 +238,7 @@ def make_analysis(problem):
 
     Keys: loss, grad_norm, spec (KrylovSpectrum), the densities (``grid``, ``density``;
     ``log_grid``, ``log_density_pos``, ``log_density_neg``) and the tolerance sweep
-    (``sweep_<fraction>_<mean|lo|hi>``, one value per entry of SWEEP_REL_TOLS).
+    (``sweep_<fraction>_<est|lo|hi>``, SLQ estimates, one value per entry of SWEEP_REL_TOLS).
     """
     import jax
     import jax.numpy as jnp
@@ -257,8 +285,8 @@ def make_analysis(problem):
         sweep = jax.vmap(lambda r: slq_fractions(spec.slq, r * scale, z=FLAGS.z))(rel_tols)
         for name, est in (("min_ratio", sweep.positive), ("index", sweep.negative),
                           ("null_fraction", sweep.null)):
-            for part in ("mean", "lo", "hi"):
-                out[f"sweep_{name}_{part}"] = getattr(est, part)
+            for part, attr in (("est", "mean"), ("lo", "lo"), ("hi", "hi")):
+                out[f"sweep_{name}_{part}"] = getattr(est, attr)
         return out
 
     return analyse, unravel
@@ -274,6 +302,45 @@ def make_dense(problem, unravel):
     return lambda theta: np.linalg.eigvalsh(np.asarray(hessian(theta)))
 
 
+def analyse_snapshot(analyse, dense_eigs, theta) -> dict:
+    """One snapshot's results as flat host arrays: the keys of :func:`make_analysis` (``spec``
+    flattened to ``spec_<field>``) and, with a dense comparison, ``eigs`` and the exact
+    ``exact_<count or fraction>`` under the SLQ tolerance τ."""
+    import jax
+
+    from crit.spectrum import classify_spectrum
+
+    out = jax.tree.map(np.asarray, analyse(theta))
+    spec = out.pop("spec")
+    out.update({f"spec_{f}": np.asarray(getattr(spec, f)) for f in SPEC_FIELDS})
+    if dense_eigs is not None:
+        out["eigs"] = dense_eigs(theta)
+        exact = classify_spectrum(out["eigs"], float(spec.tolerance))
+        for f in ("n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
+                  "lambda_min", "lambda_max"):
+            out[f"exact_{f}"] = np.asarray(getattr(exact, f))
+    return out
+
+
+def snapshot_line(step: int, row: dict, seconds: float) -> str:
+    """What the app prints for one analysed snapshot."""
+    f = lambda name: float(row["spec_" + name])  # noqa: E731
+    line = (f"step {step:>6}: loss {float(row['loss']):.4g}, ‖g‖ {float(row['grad_norm']):.2e}, "
+            f"λ_min {f('lambda_min'):.6g}{'' if row['spec_lambda_min_converged'] else '?'}, "
+            f"λ_max {f('lambda_max'):.6g}{'' if row['spec_lambda_max_converged'] else '?'}, "
+            f"min ratio (SLQ) {f('min_ratio'):.4f} [{f('min_ratio_lo'):.4f}, "
+            f"{f('min_ratio_hi'):.4f}], index {f('index'):.4f} [{f('index_lo'):.4f}, "
+            f"{f('index_hi'):.4f}], τ = {f('tolerance'):.2e}, {int(row['spec_num_matvecs'])} "
+            f"HVPs, {seconds:.1f}s")
+    if "eigs" in row:
+        exact = float(row["exact_min_ratio"])
+        inside = f("min_ratio_lo") <= exact <= f("min_ratio_hi")
+        line += (f"\n        exact: min ratio {exact:.4f} "
+                 f"({'inside' if inside else 'OUTSIDE'} the interval), λ ∈ "
+                 f"[{float(row['exact_lambda_min']):.6g}, {float(row['exact_lambda_max']):.6g}]")
+    return line
+
+
 def density_figure(out_dir, rows, n_params, title) -> None:
     """Per snapshot: the SLQ density (linear λ, log-scaled axis) and the log10|λ| density."""
     import matplotlib.pyplot as plt
@@ -282,8 +349,9 @@ def density_figure(out_dir, rows, n_params, title) -> None:
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.9 * len(rows)), squeeze=False)
     for (ax_lin, ax_log), row in zip(axes, rows):
-        spec, eigs = row["spec"], row.get("eigs")
-        lo, hi = float(spec.lambda_min), float(spec.lambda_max)
+        eigs = row.get("eigs")
+        f = lambda name: float(row["spec_" + name])  # noqa: E731
+        lo, hi = f("lambda_min"), f("lambda_max")
         grid, dens = row["grid"], row["density"]
         ax_lin.semilogy(grid, np.maximum(dens, 1e-12), color="tab:blue", lw=1.0,
                         label=f"SLQ ({FLAGS.slq_probes} probes × {FLAGS.lanczos_steps} steps)")
@@ -296,10 +364,10 @@ def density_figure(out_dir, rows, n_params, title) -> None:
         ax_lin.set_ylabel("density")
         ax_lin.legend(fontsize=7, loc="upper right")
         ax_lin.set_title(
-            f"step {row['step']}: loss {row['loss']:.3g}, λ ∈ [{lo:.3g}, {hi:.3g}], min ratio "
-            f"{float(spec.min_ratio):.3f} [{float(spec.min_ratio_lo):.3f}, "
-            f"{float(spec.min_ratio_hi):.3f}]", fontsize=8)
-        tau = float(spec.tolerance)
+            f"step {row['step']}: loss {float(row['loss']):.3g}, Ritz λ ∈ [{lo:.3g}, {hi:.3g}], "
+            f"min ratio (SLQ) {f('min_ratio'):.3f} [{f('min_ratio_lo'):.3f}, "
+            f"{f('min_ratio_hi'):.3f}]", fontsize=8)
+        tau = f("tolerance")
         log_grid = row["log_grid"]
         for sign, color in ((1, "tab:red"), (-1, "tab:green")):
             d = row["log_density_pos" if sign > 0 else "log_density_neg"]
@@ -322,7 +390,9 @@ def density_figure(out_dir, rows, n_params, title) -> None:
 
 
 def summary_figure(out_dir, table, title) -> None:
-    """Minimum ratio with its interval, and the extremal eigenvalues, against the step."""
+    """SLQ fractions with their intervals (and the exact fractions when dense), and the extremal
+    Ritz values (and exact eigenvalues), against the step; ``table`` holds spectrum.csv's
+    columns."""
     import matplotlib.pyplot as plt
 
     from crit.plots import save_figure
@@ -330,26 +400,24 @@ def summary_figure(out_dir, table, title) -> None:
     step = np.asarray(table["step"], float)
     fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
     shift = 0.012 * max(np.ptp(step), 1.0)  # side by side, so the intervals do not overlap
-    for j, (name, color) in enumerate((("min_ratio", "tab:blue"), ("index", "tab:red"),
-                                       ("null_fraction", "tab:gray"))):
+    for j, (name, color) in enumerate(zip(ESTIMATED, ("tab:blue", "tab:red", "tab:gray"))):
         x = step + (j - 1) * shift
-        mid = np.asarray(table[name])
+        mid = np.asarray(table[name + "_est"])
         err = [mid - np.asarray(table[name + "_lo"]), np.asarray(table[name + "_hi"]) - mid]
         ax_r.errorbar(x, mid, yerr=err, fmt="o-", color=color, capsize=3, ms=4,
-                      label=f"{name} (SLQ, interval)")
-        exact = np.asarray(table["exact_" + name])
-        if np.isfinite(exact).any():
-            ax_r.plot(x, exact, "x", color=color, ms=8, label=f"{name} (exact)")
+                      label=f"{name} (SLQ estimate, interval)")
+        if name in table:
+            ax_r.plot(x, table[name], "x", color=color, ms=8, label=f"{name} (exact)")
     ax_r.set_ylim(-0.02, 1.02)
     ax_r.set_xlabel("training step")
     ax_r.set_ylabel("fraction of eigenvalues")
     ax_r.legend(fontsize=7)
     ax_r.grid(alpha=0.3)
     for name, color in (("lambda_max", "tab:blue"), ("lambda_min", "tab:red")):
-        ax_l.plot(step, table[name], "o-", color=color, label=f"{name} (Lanczos)")
-        exact = np.asarray(table["exact_" + name])
-        if np.isfinite(exact).any():
-            ax_l.plot(step, exact, "x", color="k", ms=8, label=f"{name} (exact)")
+        ax_l.plot(step, table[name], "o-", color=color, label=f"{name} (Ritz value)")
+        if "exact_" + name in table:
+            ax_l.plot(step, table["exact_" + name], "x", color="k", ms=8,
+                      label=f"{name} (exact)")
     ax_l.set_yscale("symlog", linthresh=1e-3)
     ax_l.set_xlabel("training step")
     ax_l.set_ylabel("extremal eigenvalue")
@@ -360,6 +428,21 @@ def summary_figure(out_dir, table, title) -> None:
     save_figure(fig, out_dir, "spectrum_summary")
 
 
+def load_snapshots(out_dir: Path, n_snapshots: int) -> dict:
+    """The finished snapshots of ``out_dir/chunks``, keyed by position in the snapshot list."""
+    try:
+        done = store.load_chunks(out_dir)
+    except store.ResultsDirError as exc:
+        raise app.UsageError(str(exc)) from None
+    if not done:
+        return {}
+    pos = done.pop("init_id")  # the store's row key; here the snapshot's position
+    if pos.max() >= n_snapshots:
+        raise app.UsageError(f"{out_dir}/chunks holds snapshot {int(pos.max())} of a run with "
+                             f"more snapshots than {n_snapshots}; pass --overwrite")
+    return {int(p): {k: v[j] for k, v in done.items()} for j, p in enumerate(pos)}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -368,54 +451,34 @@ def main(argv):
     dense = compare_dense(problem.n_params)
     snapshots = parse_snapshots(FLAGS.snapshots, FLAGS.train_steps)
     out_dir = Path(FLAGS.out_dir)
-    try:
-        resuming = store.prepare_out_dir(out_dir, run_config(problem, snapshots, dense),
-                                         FLAGS.overwrite, outputs=OUTPUTS)
-    except store.ResultsDirError as exc:
-        raise app.UsageError(str(exc)) from None
+    resuming = common.prepare_out_dir(out_dir, run_config(problem, snapshots, dense), OUTPUTS,
+                                      chunked=True)
+    done = load_snapshots(out_dir, len(snapshots))
+    todo = [j for j in range(len(snapshots)) if j not in done]
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
           f"points; snapshots at steps {snapshots}; {FLAGS.slq_probes} SLQ probes + 1 extremal "
           f"run × {FLAGS.lanczos_steps} Lanczos steps; dense comparison "
-          f"{'on' if dense else 'off'}" + ("; same configuration found, recomputing"
-                                           if resuming else ""), flush=True)
-    import jax
-
-    from crit.spectrum import classify_spectrum
-
+          f"{'on' if dense else 'off'}" + (f"; resuming, {len(todo)} of {len(snapshots)} "
+                                           "snapshots left" if resuming else ""), flush=True)
     t0 = time.time()
     thetas, curve_loss, curve_grad = train_with_snapshots(problem, snapshots)
     print(f"trained {FLAGS.train_steps} steps in {time.time() - t0:.1f}s", flush=True)
-    analyse, unravel = make_analysis(problem)
-    t1 = time.time()
-    analyse = analyse.lower(thetas[0]).compile()
-    print(f"compiled the analysis in {time.time() - t1:.1f}s", flush=True)
-    dense_eigs = make_dense(problem, unravel) if dense else None
-    rows = []
-    for step, theta in zip(snapshots, thetas):
+    if todo:
+        analyse, unravel = make_analysis(problem)
         t1 = time.time()
-        out = jax.tree.map(np.asarray, analyse(theta))
-        spec = out.pop("spec")
-        row = dict(out, step=step, loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
-                   spec=spec, seconds=time.time() - t1)
-        if dense_eigs is not None:
-            row["eigs"] = dense_eigs(theta)
-            row["exact"] = classify_spectrum(row["eigs"], float(spec.tolerance))
-        rows.append(row)
-        line = (f"step {step:>6}: loss {row['loss']:.4g}, ‖g‖ {row['grad_norm']:.2e}, "
-                f"λ_min {float(spec.lambda_min):.6g}{'' if spec.lambda_min_converged else '?'}, "
-                f"λ_max {float(spec.lambda_max):.6g}{'' if spec.lambda_max_converged else '?'}, "
-                f"min ratio {float(spec.min_ratio):.4f} [{float(spec.min_ratio_lo):.4f}, "
-                f"{float(spec.min_ratio_hi):.4f}], index {float(spec.index):.4f} "
-                f"[{float(spec.index_lo):.4f}, {float(spec.index_hi):.4f}], τ = "
-                f"{float(spec.tolerance):.2e}, {int(spec.num_matvecs)} HVPs, "
-                f"{row['seconds']:.1f}s")
-        if dense_eigs is not None:
-            ex = row["exact"]
-            inside = float(spec.min_ratio_lo) <= float(ex.min_ratio) <= float(spec.min_ratio_hi)
-            line += (f"\n        exact: min ratio {float(ex.min_ratio):.4f} "
-                     f"({'inside' if inside else 'OUTSIDE'} the interval), λ ∈ "
-                     f"[{float(ex.lambda_min):.6g}, {float(ex.lambda_max):.6g}]")
-        print(line, flush=True)
+        analyse = analyse.lower(thetas[0]).compile()
+        print(f"compiled the analysis in {time.time() - t1:.1f}s", flush=True)
+        dense_eigs = make_dense(problem, unravel) if dense else None
+    for j in todo:
+        t1 = time.time()
+        row = analyse_snapshot(analyse, dense_eigs, thetas[j])
+        # saved before the next snapshot starts: a killed run loses at most the one in progress
+        store.write_chunk(out_dir, {"init_id": np.asarray([j])}
+                          | {k: np.asarray(v)[None] for k, v in row.items()})
+        print(snapshot_line(snapshots[j], row, time.time() - t1), flush=True)
+    # Outputs come from the saved chunks whether this run computed them or an earlier one did.
+    done = load_snapshots(out_dir, len(snapshots))
+    rows = [dict(done[j], step=step) for j, step in enumerate(snapshots)]
     write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad)
     print(tolerance_table(rows))
     print(f"wrote {out_dir}/spectrum.csv, spectrum.npz, spectrum_density.png/.pdf, "
@@ -423,53 +486,62 @@ def main(argv):
 
 
 def write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad) -> None:
-    nan = float("nan")
-    table = {c: [] for c in CSV_COLUMNS}
+    dense = "eigs" in rows[0]
+    names = CSV_COLUMNS + (DENSE_COLUMNS if dense else ())
+    table = {c: [] for c in names}
     for row in rows:
-        spec, ex = row["spec"], row.get("exact")
-        values = dict(step=row["step"], loss=row["loss"], grad_norm=row["grad_norm"],
-                      seconds=row["seconds"], num_matvecs=int(spec.num_matvecs),
-                      tolerance=float(spec.tolerance),
-                      lambda_min_converged=bool(spec.lambda_min_converged),
-                      lambda_max_converged=bool(spec.lambda_max_converged))
-        for name in ("lambda_min", "lambda_max", "min_ratio", "min_ratio_lo", "min_ratio_hi",
-                     "index", "index_lo", "index_hi", "null_fraction", "null_fraction_lo",
-                     "null_fraction_hi"):
-            values[name] = float(getattr(spec, name))
-        for name in ("min_ratio", "index", "null_fraction", "lambda_min", "lambda_max"):
-            values["exact_" + name] = float(getattr(ex, name)) if ex is not None else nan
-        for c in CSV_COLUMNS:
+        values = dict(step=row["step"], loss=float(row["loss"]),
+                      grad_norm=float(row["grad_norm"]),
+                      num_matvecs=int(row["spec_num_matvecs"]),
+                      lambda_min_converged=bool(row["spec_lambda_min_converged"]),
+                      lambda_max_converged=bool(row["spec_lambda_max_converged"]))
+        for name in ("lambda_min", "lambda_max", "tolerance"):
+            values[name] = float(row["spec_" + name])
+        for name in ESTIMATED:
+            values[name + "_est"] = float(row["spec_" + name])
+            for end in ("_lo", "_hi"):
+                values[name + end] = float(row["spec_" + name + end])
+        if dense:
+            for name in ("n_pos", "n_neg", "n_null"):
+                values[name] = int(row["exact_" + name])
+            for name in ESTIMATED:
+                values[name] = float(row["exact_" + name])
+            for name in ("exact_lambda_min", "exact_lambda_max"):
+                values[name] = float(row[name])
+        for c in names:
             table[c].append(values[c])
     store.write_csv(out_dir / "spectrum.csv", {c: np.asarray(v) for c, v in table.items()})
-    stack = lambda name: np.stack([np.asarray(getattr(r["spec"], name)) for r in rows])  # noqa
+    stack = lambda key: np.stack([np.asarray(r[key]) for r in rows])  # noqa: E731
+    logged = np.arange(0, len(curve_loss), FLAGS.log_every)
     arrays = {
         "step": np.asarray(snapshots), "n_params": np.asarray(problem.n_params),
-        "nodes": stack("nodes"), "weights": stack("weights"),
-        "node_residuals": stack("node_residuals"), "node_valid": stack("node_valid"),
-        "ritz_largest": stack("largest"), "ritz_largest_residuals": stack("largest_residuals"),
-        "ritz_smallest": stack("smallest"),
-        "ritz_smallest_residuals": stack("smallest_residuals"),
-        "tolerance": stack("tolerance"), "train_step": np.arange(len(curve_loss)),
-        "train_loss": curve_loss, "train_grad_norm": curve_grad,
+        "nodes": stack("spec_nodes"), "weights": stack("spec_weights"),
+        "node_residuals": stack("spec_node_residuals"), "node_valid": stack("spec_node_valid"),
+        "ritz_largest": stack("spec_largest"),
+        "ritz_largest_residuals": stack("spec_largest_residuals"),
+        "ritz_smallest": stack("spec_smallest"),
+        "ritz_smallest_residuals": stack("spec_smallest_residuals"),
+        "tolerance": stack("spec_tolerance"), "train_step": logged,
+        "train_loss": curve_loss[logged], "train_grad_norm": curve_grad[logged],
         "sweep_rel_tol": np.asarray(SWEEP_REL_TOLS)}
     for key in [k for k in rows[0] if k.startswith(("sweep_", "grid", "density", "log_"))]:
-        arrays[key] = np.stack([r[key] for r in rows])
-    if "eigs" in rows[0]:
-        arrays["exact_eigenvalues"] = np.stack([r["eigs"] for r in rows])
+        arrays[key] = stack(key)
+    if dense:
+        arrays["exact_eigenvalues"] = stack("eigs")
     store.atomic_save_npz(out_dir / "spectrum.npz", arrays)
     title = (f"{problem.name}, P = {problem.n_params:,}, Hessian of the full-data loss by HVPs; "
              f"τ = {'P·ε·max|θ|' if FLAGS.eig_tol is None else FLAGS.eig_tol}")
     density_figure(out_dir, rows, problem.n_params, title)
-    summary_figure(out_dir, table, title)
+    summary_figure(out_dir, {c: np.asarray(v) for c, v in table.items()}, title)
 
 
 def tolerance_table(rows) -> str:
-    lines = ["minimum ratio [interval] at coarser tolerances τ = r·max|λ|:",
+    lines = ["minimum ratio (SLQ estimate) [interval] at coarser tolerances τ = r·max|λ|:",
              "| step | " + " | ".join(f"r = {r:g}" for r in SWEEP_REL_TOLS) + " |",
              "|---|" + "---|" * len(SWEEP_REL_TOLS)]
     for row in rows:
         cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
-                 zip(row["sweep_min_ratio_mean"], row["sweep_min_ratio_lo"],
+                 zip(row["sweep_min_ratio_est"], row["sweep_min_ratio_lo"],
                      row["sweep_min_ratio_hi"])]
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

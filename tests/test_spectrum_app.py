@@ -1,85 +1,141 @@
-"""The spectrum app end to end on a tiny network (P = 310, dense on): files, bad flags."""
+"""The spectrum app end to end on a tiny network (P = 310): the dense comparison and the
+Krylov-only columns, resuming after SIGKILL, refused configurations, bad flags."""
 
-import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-# Opt-in (pytest --runslow): written this session, not yet timed and verified in CI.
-pytestmark = pytest.mark.slow
+from tests import app_runner
+from tests.app_runner import assert_same_results, kill_when, read_rows, run_app
 
-
-ROOT = Path(__file__).resolve().parents[1]
+# τ = 1e-2 (about 0.3% of λ_max) keeps the 3-probe SLQ intervals narrower than [0, 1], so the
+# exact fractions landing inside them is a real check.
 TINY = ["--widths=4", "--n_points=64", "--train_steps=40", "--lanczos_steps=30",
-        "--slq_probes=3", "--num_eigs=2", "--snapshots=0,end"]
+        "--slq_probes=3", "--num_eigs=2", "--snapshots=0,end", "--eig_tol=1e-2"]
 P = 64 * 4 + 4 + 4 * 10 + 10
+ESTIMATES = ("min_ratio_est", "min_ratio_lo", "min_ratio_hi", "index_est", "index_lo",
+             "index_hi", "null_fraction_est", "null_fraction_lo", "null_fraction_hi")
+KRYLOV_COLUMNS = ["step", "loss", "grad_norm", "lambda_min", "lambda_max",
+                  "lambda_min_converged", "lambda_max_converged", *ESTIMATES, "tolerance",
+                  "num_matvecs"]
+DENSE_COLUMNS = ["n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
+                 "exact_lambda_min", "exact_lambda_max"]
 
 
-def run_app(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "experiments.spectrum", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+def spectrum(*args, **kw):
+    return run_app("spectrum", *args, env=app_runner.ENV, **kw)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("spectrum") / "run"
-    proc = run_app(*TINY, f"--out_dir={out}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc
+def dense_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spectrum") / "dense"  # --compare_dense is on for P <= 3000
+    return out, spectrum(*TINY, f"--out_dir={out}")
 
 
-def test_files_columns_and_exact_ratio_inside_interval(tiny_run):
-    out, proc = tiny_run
+@pytest.fixture(scope="module")
+def krylov_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spectrum") / "krylov"
+    return out, spectrum(*TINY, "--compare_dense=false", f"--out_dir={out}")
+
+
+def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
+    out, proc = dense_run
     for name in ("config.json", "spectrum.csv", "spectrum.npz", "spectrum_density.png",
-                 "spectrum_density.pdf", "spectrum_summary.png", "spectrum_summary.pdf"):
+                 "spectrum_density.pdf", "spectrum_summary.png", "spectrum_summary.pdf",
+                 "chunks/chunk_0000000_000001.npz", "chunks/chunk_0000001_000001.npz"):
         assert (out / name).stat().st_size > 0, name
-    with open(out / "spectrum.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_rows(out / "spectrum.csv")
+    assert list(rows[0]) == KRYLOV_COLUMNS + DENSE_COLUMNS
     assert [int(r["step"]) for r in rows] == [0, 40]
-    for r in rows:
-        lo, mid, hi = (float(r[k]) for k in ("min_ratio_lo", "min_ratio", "min_ratio_hi"))
-        assert lo <= float(r["exact_min_ratio"]) <= hi and lo <= mid <= hi
-        assert float(r["index_lo"]) <= float(r["exact_index"]) <= float(r["index_hi"])
-        assert int(r["num_matvecs"]) == 4 * 30
-        assert float(r["lambda_max"]) == pytest.approx(float(r["exact_lambda_max"]), rel=1e-8)
-        # Ritz values lie inside the spectrum.
-        assert float(r["lambda_min"]) >= float(r["exact_lambda_min"]) - 1e-10
     with np.load(out / "spectrum.npz", allow_pickle=False) as s:
+        eigs = s["exact_eigenvalues"]
+        assert eigs.shape == (2, P)
         assert s["nodes"].shape == s["weights"].shape == (2, 3, 30)
-        assert s["ritz_largest"].shape == (2, 2) and s["exact_eigenvalues"].shape == (2, P)
+        assert s["ritz_largest"].shape == (2, 2)
         np.testing.assert_allclose(s["weights"].sum(axis=2), 1.0, rtol=1e-12)
-        assert s["train_loss"].shape == (40,) and list(s["step"]) == [0, 40]
-        assert s["sweep_min_ratio_mean"].shape == (2, len(s["sweep_rel_tol"]))
+        # --log_every (10 here, the app's default) thins the recorded training curve
+        assert list(s["train_step"]) == [0, 10, 20, 30] and s["train_loss"].shape == (4,)
+        assert np.all(np.isfinite(s["train_loss"])) and s["train_loss"][-1] < s["train_loss"][0]
+        assert list(s["step"]) == [0, 40]
+        assert s["sweep_min_ratio_est"].shape == (2, len(s["sweep_rel_tol"]))
+    for j, r in enumerate(rows):
+        tau = float(r["tolerance"])
+        assert tau == 1e-2
+        counts = [int(r[k]) for k in ("n_pos", "n_neg", "n_null")]
+        assert counts == [int(np.sum(eigs[j] > tau)), int(np.sum(eigs[j] < -tau)),
+                          int(np.sum(np.abs(eigs[j]) <= tau))]
+        assert sum(counts) == P and float(r["min_ratio"]) == counts[0] / P
+        assert float(r["index"]) == counts[1] / P and float(r["null_fraction"]) == counts[2] / P
+        for name in ("min_ratio", "index", "null_fraction"):
+            lo, est, hi = (float(r[name + end]) for end in ("_lo", "_est", "_hi"))
+            assert lo <= est <= hi and hi - lo < 0.95, (name, lo, est, hi)
+            assert lo <= float(r[name]) <= hi, (name, r[name], lo, hi)  # exact inside
+        assert int(r["num_matvecs"]) == 4 * 30
+        assert float(r["exact_lambda_max"]) == pytest.approx(eigs[j].max(), rel=1e-12)
+        assert float(r["lambda_max"]) == pytest.approx(float(r["exact_lambda_max"]), rel=1e-8)
+        assert float(r["lambda_min"]) >= float(r["exact_lambda_min"]) - 1e-10  # a Ritz value
     config = json.loads((out / "config.json").read_text())
     assert config["n_params"] == P and config["protocol"]["compare_dense"] is True
     assert config["protocol"]["snapshots"] == [0, 40]
-    assert "inside the interval" in proc.stdout
+    assert proc.stdout.count("inside the interval") == 2
 
 
-def test_other_configuration_in_the_same_dir_is_refused_before_compute(tiny_run):
-    out, _ = tiny_run
+def test_krylov_run_has_estimates_and_no_counts(krylov_run, dense_run):
+    out, proc = krylov_run
+    rows = read_rows(out / "spectrum.csv")
+    assert list(rows[0]) == KRYLOV_COLUMNS  # no n_pos / n_neg / n_null, no plain min_ratio
+    dense = read_rows(dense_run[0] / "spectrum.csv")
+    assert len(rows) == 2
+    for r, d in zip(rows, dense):  # the same SLQ run with or without the dense comparison
+        assert {k: r[k] for k in KRYLOV_COLUMNS} == {k: d[k] for k in KRYLOV_COLUMNS}
+    with np.load(out / "spectrum.npz", allow_pickle=False) as s:
+        assert "exact_eigenvalues" not in s.files and s["nodes"].shape == (2, 3, 30)
+    for stem in ("spectrum_density", "spectrum_summary"):
+        assert (out / f"{stem}.png").stat().st_size > 0
+    assert "exact:" not in proc.stdout
+    assert json.loads((out / "config.json").read_text())["protocol"]["compare_dense"] is False
+
+
+def test_killed_after_the_first_snapshot_resumes_to_the_same_files(krylov_run, tmp_path):
+    out = tmp_path / "killed"
+    args = [*TINY, "--compare_dense=false", f"--out_dir={out}"]
+    kill_when("spectrum", args, lambda: any((out / "chunks").glob("chunk_*.npz")))
+    assert not (out / "spectrum.csv").exists()
+    assert [p.name for p in (out / "chunks").glob("chunk_*.npz")] == ["chunk_0000000_000001.npz"]
+    proc = spectrum(*args)
+    assert "resuming, 1 of 2 snapshots left" in proc.stdout
+    assert "step      0:" not in proc.stdout  # the saved snapshot is not recomputed
+    names = assert_same_results(krylov_run[0], out)
+    assert names == ["config.json", "spectrum.csv", "spectrum.npz"]
+
+
+def test_other_configuration_in_the_same_dir_is_refused_before_compute(krylov_run):
+    out, _ = krylov_run
     before = (out / "spectrum.csv").read_bytes()
-    proc = run_app(*TINY, f"--out_dir={out}", "--train_steps=41")
+    # --probe_batch changes the vmap width of the Lanczos runs (the last bits of every number),
+    # --log_sigma the stored densities: resuming under either would mix two configurations.
+    proc = spectrum(*TINY, "--compare_dense=false", f"--out_dir={out}", "--train_steps=41",
+                    "--probe_batch=1", "--log_sigma=0.1", check=False)
     assert proc.returncode != 0
     assert "--out_dir" in proc.stderr and "different configuration" in proc.stderr
+    for name in ("train_steps", "probe_batch", "log_sigma"):
+        assert name in proc.stderr, name
     assert (out / "spectrum.csv").read_bytes() == before
 
 
-@pytest.mark.parametrize("flag, bad", [("--snapshots", "0,abc"), ("--snapshots", "0,41"),
-                                       ("--lanczos_steps", "1"), ("--slq_probes", "0"),
-                                       ("--compare_dense", "true")])
-def test_bad_flag_is_named_and_nothing_is_written(tmp_path, flag, bad):
+@pytest.mark.parametrize("bad, named", [
+    (["--snapshots=0,abc", "--lanczos_steps=1", "--slq_probes=0", "--finder=gradnorm",
+      "--grad_tol=1e-3"],
+     ["--snapshots", "--lanczos_steps", "--slq_probes", "--finder", "--grad_tol"]),
+    (["--snapshots=0,41"], ["--snapshots"]),
+    # P = 112,810: too large for a dense Hessian
+    (["--compare_dense=true", "--widths=300,300"], ["--compare_dense"]),
+])
+def test_bad_flags_are_named_and_nothing_is_written(tmp_path, bad, named):
     out = tmp_path / "run"
-    args = [*TINY, f"--out_dir={out}", f"{flag}={bad}"]
-    if flag == "--compare_dense":  # P = 112,810: too large for a dense Hessian
-        args.append("--widths=300,300")
-    proc = run_app(*args)
+    proc = spectrum(*TINY, f"--out_dir={out}", *bad, check=False)
     assert proc.returncode != 0
-    assert flag in proc.stderr
+    for flag in named:
+        assert flag in proc.stderr, (flag, proc.stderr)
     assert not out.exists()
