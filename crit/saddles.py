@@ -21,8 +21,8 @@ start and lifted with ``vmap``:
    the dense Hessian) and the certificate
    (:func:`crit.critical.certify`): *critical* iff ‖g‖ ≤ grad_tol. Every start keeps its row
    and its status; :func:`status_counts` tallies them (nothing is dropped silently).
-   :func:`find_critical_points` runs fixed-size chunks of starts through one compiled
-   ``jit(vmap(...))``.
+   :func:`find_critical_points` runs the starts in vmapped groups of a fixed width through one
+   compiled program, so the chunk size never changes a result.
 3. **Duplicates** (:func:`merge_duplicates`). Certified points that are the same critical point
    -- same loss and same sorted spectrum within relative tolerances and, for MLPs, the same
    parameters up to the network's discrete symmetries -- are merged into one point with a
@@ -67,6 +67,9 @@ from crit.spectrum import classify_spectrum
 from crit.train import tree_norm
 
 Params = Any
+
+#: Starts vmapped together by :func:`find_critical_points` (part of a search's protocol).
+DEFAULT_VMAP_WIDTH = 8
 
 
 # --------------------------------------------------------------------------- starts
@@ -121,21 +124,66 @@ def noisy_copies(key: jax.Array, params: Params, scales: Sequence[float]) -> Par
     return jax.vmap(unravel)(theta[None, :] + scales[:, None] * xi)
 
 
-def mask_hidden_units(params: Params, mask) -> Params:
+def zero_preserving(activation) -> bool:
+    """Whether σ(0) = 0 exactly, so a hidden unit with zero weights stays zero under training.
+
+    ``activation`` is a name of :data:`crit.problems.ACTIVATIONS` or a callable.
+    """
+    return _at_zero(activation) == 0.0
+
+
+def _at_zero(activation) -> float:
+    """σ(0), evaluated eagerly even inside a trace (the check runs within ``jit(vmap(...))``)."""
+    from crit.problems import ACTIVATIONS
+
+    fn = ACTIVATIONS[activation] if isinstance(activation, str) else activation
+    with jax.core.eval_context():  # outside any trace: fn may be a custom_jvp (relu)
+        return float(fn(np.zeros((), np.float64)))
+
+
+def check_maskable(activation) -> None:
+    """Raise ValueError unless :func:`mask_hidden_units` embeds a smaller net for ``activation``.
+
+    One message, for the library and the apps' flag checks alike.
+    """
+    from crit.problems import ACTIVATIONS
+
+    if isinstance(activation, str) and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {sorted(ACTIVATIONS)}")
+    if not zero_preserving(activation):
+        ok = sorted(a for a in ACTIVATIONS if zero_preserving(a))
+        raise ValueError(
+            f"reduced nets (zeroed hidden units) need σ(0) = 0, but activation {activation!r} "
+            f"has σ(0) = {_at_zero(activation):g}: a zeroed unit outputs a "
+            "nonzero constant, its outgoing weights get a gradient and it leaves zero during "
+            f"training, so it does not embed a smaller net; use one of {ok}")
+
+
+def mask_hidden_units(params: Params, mask, activation) -> Params:
     r"""Zero the incoming weights, bias and outgoing weights of the hidden units where mask = 0.
 
     ``mask`` has one entry per hidden unit of a :class:`crit.problems.MLP`, the hidden layers'
     units concatenated from the input side (length Σ widths); traceable, so it can depend on a
-    vmapped init id.
+    vmapped init id. ``activation`` (a name of :data:`crit.problems.ACTIVATIONS` or a callable)
+    must have σ(0) = 0 (tanh, relu, linear); sigmoid and softplus are refused with a
+    ValueError (:func:`check_maskable`), see the notes.
 
     Notes
     -----
-    For an activation with σ(0) = 0 (tanh), a unit whose incoming weights and bias a and
-    outgoing weights v are all zero has zero gradient, and the Hessian does not couple it to the
-    other parameters (every mixed second derivative carries a factor σ(0) or v). Gradient
-    training, and Newton steps, therefore stay in that subspace: a masked net trains as the
-    smaller net embedded in the larger one, and its critical points are critical points of the
-    larger net. The unit's own Hessian block is
+    For an activation with σ(0) = 0, a unit whose incoming weights and bias a and
+    outgoing weights v are all zero has zero gradient (∂L/∂v carries the factor σ(0), ∂L/∂a the
+    factor v), and the Hessian does not couple it to the other parameters (every mixed second
+    derivative carries a factor σ(0) or v). Gradient training therefore stays in that subspace
+    exactly (every update of the unit is a product with an exact zero), and Newton steps stay in
+    it up to rounding (the eigendecomposition of the whole Hessian mixes near-degenerate blocks:
+    masked weights up to about 3e-13 measured after refinement): a masked net trains as
+    the smaller net embedded in the larger one, and its critical points are critical points of
+    the larger net. With σ(0) ≠ 0 (sigmoid, softplus) the zeroed unit outputs the constant σ(0) and
+    ∂L/∂v = σ(0)·E[r] is nonzero whenever the mean residual is (during training; with an L2
+    penalty on the output bias c, E[r] = −λ₂c even at the smaller net's critical points): the
+    unit leaves zero (measured: 0.24 after 50 Adam steps), the subspace is not invariant and
+    the search would label points with a smaller net they do not belong to, hence the refusal. The
+    unit's own Hessian block is
 
     .. math:: \begin{pmatrix} \lambda_2 I & C \\ C^\top & \lambda_2 I \end{pmatrix},
               \qquad C = \sigma'(0)\,\mathbb{E}_x[\tilde x\, r(x)^\top],
@@ -146,6 +194,7 @@ def mask_hidden_units(params: Params, mask) -> Params:
     with the number of zero units while their loss is that of the smaller net (Fukumizu &
     Amari, Neural Networks 13, 2000): this populates the index-vs-loss plane.
     """
+    check_maskable(activation)
     tree = params["params"] if "params" in params else params
     names = sorted(tree, key=lambda k: int(k.split("_")[1]))
     mask = jnp.asarray(mask)
@@ -316,40 +365,62 @@ def refine_and_certify(loss_fn: Callable[[Params], jax.Array], params: Params,
 
 def find_critical_points(loss_fn: Callable[[Params], jax.Array], starts: Params,
                          chunk_size: int = 64, progress: Optional[Callable[[int], None]] = None,
-                         **kwargs) -> CriticalPoints:
-    """:func:`refine_and_certify` from every start, ``chunk_size`` starts per vmapped call.
+                         vmap_width: int = DEFAULT_VMAP_WIDTH, **kwargs) -> CriticalPoints:
+    """:func:`refine_and_certify` from every start, in vmapped groups of ``vmap_width`` starts.
 
-    The starts are cut into chunks of ``chunk_size`` (the last one padded by repeating its last
-    start, so every call has the same shape and compiles once); the padding is dropped.
-    ``chunk_size`` bounds memory and never changes results. ``progress(n)``, if given, is called
-    with the number of starts finished after each chunk.
+    One program is compiled, ``jit(vmap(refine_and_certify))`` over exactly ``vmap_width``
+    starts, and every group of starts runs through it (the last group padded by repeating the
+    last start; the padding is dropped). A start's result depends on ``vmap_width`` -- XLA may
+    round a batched operation differently at another batch width, and Newton amplifies a
+    last-bit difference into another end point (measured: eigenvalues 3e-14 apart between
+    widths 1 and 6) -- so ``vmap_width`` is part of an experiment's protocol. ``chunk_size``
+    only sets how many starts are dispatched before their results are fetched and ``progress``
+    is called (rounded up to a multiple of ``vmap_width``); for a fixed ``vmap_width`` the
+    results are the same bit for bit for any chunk size.
 
     Parameters
     ----------
     loss_fn : full-batch loss.
     starts : stacked parameter pytrees (leading axis S), e.g. ``StartSet.params``.
-    chunk_size : starts per compiled call.
-    progress : optional callback.
+    chunk_size : starts per fetch and progress report (>= 1).
+    progress : optional callback, called with the number of starts finished after each chunk.
+    vmap_width : starts vmapped together (>= 1); changes results in the last bits.
     **kwargs : forwarded to :func:`refine_and_certify` (max_iters, grad_tol, flat_tol, eig_tol,
         eig_rtol, damping_grid, patience, min_progress, prefind_steps, prefind_lr).
 
     Returns
     -------
     CriticalPoints with a leading axis S, as NumPy arrays.
+
+    Notes
+    -----
+    Why not ``lax.map(..., batch_size=vmap_width)`` over a chunk under one ``jit``, as
+    :func:`crit.protocol.make_chunk_fn` does: the scan over groups has a trip count that follows
+    the chunk size, and XLA compiles a one-group scan differently (it inlines the loop) --
+    measured: ``start_grad_norm`` differed in the last bit between chunks of one and of two
+    groups. One compiled group program, dispatched asynchronously group after group, is the
+    same computation for every chunk size.
     """
     n = jax.tree.leaves(starts)[0].shape[0]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = min(chunk_size, n)
+    for name, value in (("chunk_size", chunk_size), ("vmap_width", vmap_width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    width = int(vmap_width)
+    groups_per_chunk = -(-int(chunk_size) // width)
     fn = jax.jit(jax.vmap(functools.partial(refine_and_certify, loss_fn, **kwargs)))
+    group_starts = list(range(0, n, width))
     parts = []
-    for lo in range(0, n, chunk):
-        idx = np.minimum(np.arange(lo, lo + chunk), n - 1)
-        out = jax.device_get(fn(jax.tree.map(lambda x: x[idx], starts)))
-        m = min(chunk, n - lo)
-        parts.append(jax.tree.map(lambda x: np.asarray(x)[:m], out))
+    for c in range(0, len(group_starts), groups_per_chunk):
+        outs = []
+        for lo in group_starts[c:c + groups_per_chunk]:  # dispatched asynchronously
+            idx = np.minimum(np.arange(lo, lo + width), n - 1)
+            outs.append((fn(jax.tree.map(lambda x: x[idx], starts)), min(width, n - lo)))
+        done = 0
+        for out, m in outs:
+            parts.append(jax.tree.map(lambda x: np.asarray(x)[:m], jax.device_get(out)))
+            done += m
         if progress is not None:
-            progress(m)
+            progress(done)
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
@@ -607,6 +678,7 @@ def critical_point_search(loss_fn: Callable[[Params], jax.Array],
                           optimizer, num_steps: int, snapshot_every: int,
                           noise_scales: Sequence[float] = (0.0,),
                           init_transform: Optional[Callable] = None, chunk_size: int = 64,
+                          vmap_width: int = DEFAULT_VMAP_WIDTH,
                           progress: Optional[Callable[[int], None]] = None,
                           odd_activation: bool = False, compare_params: bool = True,
                           merge_tolerances: Optional[dict] = None,
@@ -619,7 +691,8 @@ def critical_point_search(loss_fn: Callable[[Params], jax.Array],
     loss_fn, init_fn : the problem's full-batch loss and initializer.
     seed, num_inits, optimizer, num_steps, snapshot_every, noise_scales, init_transform :
         of :func:`make_starts`.
-    chunk_size, progress : of :func:`find_critical_points`.
+    chunk_size, vmap_width, progress : of :func:`find_critical_points` (``vmap_width`` changes
+        results in the last bits, ``chunk_size`` never does).
     odd_activation, compare_params, merge_tolerances : of :func:`merge_duplicates`
         (``compare_params=False`` compares loss and spectrum only, for non-MLP models).
     **refine_kwargs : of :func:`refine_and_certify`.
@@ -630,7 +703,8 @@ def critical_point_search(loss_fn: Callable[[Params], jax.Array],
     """
     starts = make_starts(loss_fn, init_fn, seed, num_inits, optimizer, num_steps,
                          snapshot_every, noise_scales, init_transform)
-    points = find_critical_points(loss_fn, starts.params, chunk_size, progress, **refine_kwargs)
+    points = find_critical_points(loss_fn, starts.params, chunk_size, progress,
+                                  vmap_width=vmap_width, **refine_kwargs)
     certified = np.asarray(points.status) == STATUSES.index("critical")
     rows = np.flatnonzero(certified)
     unique_id = np.full(certified.shape, -1, dtype=np.int64)

@@ -14,10 +14,12 @@ n = round(P / (φ·k)) points so that φ = P / (n·k):
    snapshot also copied with Gaussian noise of each --noise_scales standard deviation. With
    --reduced_nets, init i trains only its first (i mod (h+1)) hidden units (the others held at
    zero, crit.saddles.mask_hidden_units): the smaller nets' critical points are saddles of the
-   full net, which fills the index-vs-loss plane (Fukumizu & Amari 2000).
-2. From every start: --prefind_steps of Adam on ½‖∇L‖², then damped Newton on ∇L = 0 (Dauphin
-   et al. 2014), exact spectrum and certificate; only points with ‖∇L‖ ≤ --grad_tol count, and
-   every start's status is written (starts.csv, status table printed).
+   full net, which fills the index-vs-loss plane (Fukumizu & Amari 2000). Zero units stay zero
+   only for σ(0) = 0, so --reduced_nets is refused for sigmoid and softplus.
+2. From every start, in vmapped groups of --vmap_width: --prefind_steps of Adam on ½‖∇L‖²,
+   then damped Newton on ∇L = 0 (Dauphin et al. 2014), exact spectrum and certificate; only
+   points with ‖∇L‖ ≤ --grad_tol count, and every start's status is written (starts.csv,
+   status table printed).
 3. Certified points merged up to the net's symmetries (hidden-unit permutations and tanh sign
    flips): one row per unique point in points.csv, with its multiplicity.
 4. Bray–Dean curve α = F(s(ε − ε½)) fitted to each configuration (crit.theory.fit_bray_dean);
@@ -28,7 +30,8 @@ n = round(P / (φ·k)) points so that φ = P / (n·k):
 Normalization (Pennington & Bahri §2): ε = ½·mean((f(x) − y)²)/mean(y²), the data term only (the
 L2 penalty excluded), averaged over points and outputs, in units of the targets' mean square.
 
-Writes to --out_dir: config.json, points.csv, starts.csv, spectra.npz, fits.json and the figures
+Writes to --out_dir: config.json, points.csv, starts.csv, spectra.npz, fits.json, timing.txt
+(wall seconds per configuration, which vary from run to run) and the figures
 index_vs_error, spectra_histograms, pennington_bahri (.png, .pdf).
 """
 
@@ -68,14 +71,20 @@ flags.DEFINE_integer("snapshot_every", 600, "Steps between trajectory snapshots 
 flags.DEFINE_list("noise_scales", ["0", "0.02"], "Standard deviations of the Gaussian noise added "
                   "to each snapshot (0 keeps the snapshot itself).")
 flags.DEFINE_bool("reduced_nets", True, "Init i trains only its first (i mod (h+1)) hidden "
-                  "units, the rest held at zero (saddles of the full net).")
+                  "units, the rest held at zero (saddles of the full net). Needs σ(0) = 0 "
+                  "(tanh, relu, linear); refused for sigmoid and softplus.")
 flags.DEFINE_integer("prefind_steps", 500, "Adam steps on ½‖∇L‖² before Newton (0: Newton only).")
 flags.DEFINE_float("prefind_lr", 1e-3, "Learning rate of the ½‖∇L‖² stage.")
 flags.DEFINE_float("eig_rtol", 1e-7, "Null band: |λ| ≤ max(τ, eig_rtol·max|λ|) counts as zero.")
 flags.DEFINE_float("merge_rtol", 1e-5, "Relative tolerance of loss, spectrum and (aligned) "
                    "parameters below which two certified points are the same point.")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples of the exponent fit.")
-flags.DEFINE_integer("chunk_size", 64, "Starts per vmapped Newton call (never changes results).")
+flags.DEFINE_integer("vmap_width", 8, "Starts vmapped together in the Newton stage "
+                     "(crit.saddles.find_critical_points). Part of the protocol: XLA may round a "
+                     "batched op differently at another width, and Newton can amplify that.")
+flags.DEFINE_integer("chunk_size", 64, "Starts dispatched between progress reports (rounded up "
+                     "to a multiple of --vmap_width). Never changes results: every start is "
+                     "refined in a vmapped group of exactly --vmap_width starts.")
 flags.DEFINE_string("out_dir", "runs/index_vs_error", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -83,7 +92,7 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
 FLAGS.set_default("l2", 1e-3)  # finite minima: without it tanh nets on noise drift to infinity
 FLAGS.set_default("train_steps", 6000)  # digits nets need it to get near minima
 
-OUTPUTS = ("points.csv", "starts.csv", "spectra.npz", "fits.json")
+OUTPUTS = ("points.csv", "starts.csv", "spectra.npz", "fits.json", "timing.txt")
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 #: Shared flags that describe a single problem; this app builds its own, so they are refused.
 NOT_APPLICABLE = {"dataset": "--datasets", "widths": "--digits_width / --gaussian_width",
@@ -136,7 +145,7 @@ def validate() -> None:
             errors.append(str(exc))
     for name, low in (("gaussian_width", 1), ("digits_width", 1), ("digits_points", 10),
                       ("num_inits", 1), ("snapshot_every", 1), ("prefind_steps", 0),
-                      ("bootstrap", 0), ("chunk_size", 1)):
+                      ("bootstrap", 0), ("chunk_size", 1), ("vmap_width", 1)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
     if FLAGS.digits_points > 1796:
@@ -150,6 +159,14 @@ def validate() -> None:
         if not (math.isfinite(v) and (v > 0 if name != "eig_rtol" else v >= 0)):
             errors.append(f"--{name}={v}: must be a finite number "
                           f"{'>= 0' if name == 'eig_rtol' else '> 0'}")
+    if FLAGS.reduced_nets:
+        from crit.saddles import check_maskable
+
+        try:
+            check_maskable(FLAGS.activation)
+        except ValueError as exc:
+            errors.append(f"--reduced_nets with --activation={FLAGS.activation}: {exc} (or pass "
+                          "--noreduced_nets)")
     out = Path(FLAGS.out_dir)
     if out.exists() and not out.is_dir():
         errors.append(f"--out_dir={out}: is a file, not a directory")
@@ -211,8 +228,8 @@ def search(cfg: dict) -> dict:
     h = cfg["width"]
     masks = jnp.asarray(saddles.reduced_net_masks(h, FLAGS.num_inits) if FLAGS.reduced_nets
                         else np.ones((FLAGS.num_inits, h)))
-    transform = ((lambda i, p: saddles.mask_hidden_units(p, masks[i])) if FLAGS.reduced_nets
-                 else None)
+    transform = ((lambda i, p: saddles.mask_hidden_units(p, masks[i], FLAGS.activation))
+                 if FLAGS.reduced_nets else None)
     scales = parse_floats("noise_scales", FLAGS.noise_scales, 0.0, 1e3, False)
     n_starts = FLAGS.num_inits * (FLAGS.train_steps // FLAGS.snapshot_every + 1) * len(scales)
     progress = common.Progress(n_starts, label="starts")
@@ -221,7 +238,8 @@ def search(cfg: dict) -> dict:
         pr.loss_fn, pr.init_fn, seed=FLAGS.seed, num_inits=FLAGS.num_inits,
         optimizer=make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum),
         num_steps=FLAGS.train_steps, snapshot_every=FLAGS.snapshot_every, noise_scales=scales,
-        init_transform=transform, chunk_size=FLAGS.chunk_size, progress=progress.update,
+        init_transform=transform, chunk_size=FLAGS.chunk_size, vmap_width=FLAGS.vmap_width,
+        progress=progress.update,
         odd_activation=FLAGS.activation == "tanh",
         merge_tolerances=dict(loss_rtol=FLAGS.merge_rtol, eig_rtol=FLAGS.merge_rtol,
                               param_rtol=10 * FLAGS.merge_rtol),
@@ -271,7 +289,7 @@ def fits_for(result: dict) -> dict:
     out = {"dataset": cfg["dataset"], "phi": cfg["phi"], "n_params": cfg["problem"].n_params,
            "n_train": cfg["problem"].dataset.n_train, "status_counts": result["counts"],
            "n_unique": int(len(alpha)), "n_saddles": int(np.sum(pts["n_neg"] > 0)),
-           "n_minima": int(np.sum(pts["n_neg"] == 0)), "seconds": result["seconds"]}
+           "n_minima": int(np.sum(pts["n_neg"] == 0))}
     out["bray_dean"] = {"x": x_name}
     if len(alpha) >= 2 and np.ptp(alpha) > 0:
         out["bray_dean"].update(_fit_dict(theory.fit_bray_dean(x, alpha)))
@@ -532,6 +550,8 @@ def main(argv):
               f"{int(np.sum(p['n_neg'] == 0))} index 0), {r['seconds']:.0f}s", flush=True)
     fits = [fits_for(r) for r in results]
 
+    store.atomic_write_text(out_dir / "timing.txt", "".join(
+        f"{r['cfg']['tag']}: {r['seconds']:.1f} s\n" for r in results))
     store.write_csv(out_dir / "starts.csv", concat([r["starts"] for r in results]))
     store.write_csv(out_dir / "points.csv", concat([r["points"] for r in results]))
     store.atomic_save_npz(out_dir / "spectra.npz", {

@@ -12,19 +12,29 @@ one-hidden-layer net on a small regression set (crit/saddles.py):
 1. --num_inits inits (fold_in(PRNGKey(seed), i)), trained with --optimizer; θ recorded every
    --snapshot_every steps (step 0, the init itself, included), each snapshot also copied with
    Gaussian noise of each --noise_scales standard deviation;
-2. from every start: --prefind_steps of Adam on ½‖∇L‖², then damped Newton on ∇L = 0, exact
-   spectrum, certificate (critical iff ‖∇L‖ ≤ --grad_tol); every start keeps its status;
+2. from every start, in vmapped groups of --vmap_width: --prefind_steps of Adam on ½‖∇L‖²,
+   then damped Newton on ∇L = 0, exact spectrum, certificate (critical iff ‖∇L‖ ≤ --grad_tol);
+   every start keeps its status;
 3. certified points merged up to hidden-unit permutations (and tanh sign flips);
 4. a unique point is a minimum iff it has no eigenvalue below −τ (index 0 within tolerance,
    τ = max(P·ε·max|λ|, --eig_rtol·max|λ|)); minima with null eigenvalues (|λ| ≤ τ, where the
    second-order test is inconclusive) are counted separately.
 
-The share of minima gets a 95% Wilson interval (crit.theory.wilson_interval), over unique points
-and over certified starts, and is drawn beside 2^-P on a log axis with the index distribution
-per size beside the coin model's Binomial(P, ½)/P.
+The share of minima, over unique points and over certified starts, is drawn beside 2^-P on a log
+axis with the index distribution per size beside the coin model's Binomial(P, ½)/P. Points are
+not independent: every start comes from a snapshot of one of --num_inits trajectories, and
+starts of one trajectory often refine to the same or related points. The 95% interval
+(``cluster_lo``/``cluster_hi``) is therefore a cluster bootstrap over inits
+(crit.theory.cluster_bootstrap_ratio, --bootstrap resamples, seeded by --seed): whole
+trajectories are resampled, a unique point found from several inits split between them by its
+starts. The Wilson interval (``wilson_iid_lo``/``wilson_iid_hi``) is kept beside it for
+comparison; it assumes independent points and is too narrow when trajectories share points. A
+share of 0 (or 1) gives a zero-width bootstrap interval; the figure then marks the Wilson bound
+that counts each init with certified points once (``n_inits_certified``).
 
 Writes to --out_dir: config.json, sizes.csv (one row per width), points.csv (one row per unique
-certified point), starts.csv (one row per start, every status), spectra.npz, and the figure
+certified point), starts.csv (one row per start, every status), spectra.npz, timing.txt
+(wall seconds per width, which vary from run to run), and the figure
 minima_vs_size (.png, .pdf).
 """
 
@@ -58,13 +68,21 @@ flags.DEFINE_integer("snapshot_every", 2500, "Steps between trajectory snapshots
 flags.DEFINE_string("noise_scales", "0", "Standard deviations of the Gaussian noise added to "
                     "each snapshot, comma separated (0 keeps the snapshot itself).")
 flags.DEFINE_bool("reduced_nets", False, "Init i trains only its first (i mod (h+1)) hidden "
-                  "units, the rest held at zero (adds the smaller nets' critical points).")
+                  "units, the rest held at zero (adds the smaller nets' critical points). Needs "
+                  "σ(0) = 0 (tanh, relu, linear); refused for sigmoid and softplus.")
 flags.DEFINE_integer("prefind_steps", 200, "Adam steps on ½‖∇L‖² before Newton (0: Newton only).")
 flags.DEFINE_float("prefind_lr", 1e-3, "Learning rate of the ½‖∇L‖² stage.")
 flags.DEFINE_float("eig_rtol", 1e-7, "Null band: |λ| ≤ max(τ, eig_rtol·max|λ|) counts as zero.")
+flags.DEFINE_integer("bootstrap", 2000, "Cluster-bootstrap resamples (over inits) of the "
+                     "share of minima.")
 flags.DEFINE_float("merge_rtol", 1e-5, "Relative tolerance of loss, spectrum and (aligned) "
                    "parameters below which two certified points are the same point.")
-flags.DEFINE_integer("chunk_size", 64, "Starts per vmapped Newton call (never changes results).")
+flags.DEFINE_integer("vmap_width", 8, "Starts vmapped together in the Newton stage "
+                     "(crit.saddles.find_critical_points). Part of the protocol: XLA may round a "
+                     "batched op differently at another width, and Newton can amplify that.")
+flags.DEFINE_integer("chunk_size", 64, "Starts dispatched between progress reports (rounded up "
+                     "to a multiple of --vmap_width). Never changes results: every start is "
+                     "refined in a vmapped group of exactly --vmap_width starts.")
 flags.DEFINE_string("out_dir", "runs/minima_vs_size", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -78,16 +96,17 @@ FLAGS.set_default("n_points", 256)
 FLAGS.set_default("l2", 1e-3)  # finite, non-degenerate critical points
 FLAGS.set_default("train_steps", 10000)
 
-OUTPUTS = ("sizes.csv", "points.csv", "starts.csv", "spectra.npz")
+OUTPUTS = ("sizes.csv", "points.csv", "starts.csv", "spectra.npz", "timing.txt")
 NOT_PROTOCOL = ("out_dir", "overwrite", "chunk_size")
 NOT_APPLICABLE = {"widths": "--widths_list", "log_every": None, "finder": None,
                   "finder_lr": "--prefind_lr", "train_dtype": None}
 NEWTON_STEPS = 60
 SIZE_COLUMNS = ("width", "n_params", "n_train", "phi", "n_starts", *STATUSES, "n_unique",
-                "n_minima", "share_minima", "wilson_lo", "wilson_hi", "n_minima_with_null",
-                "n_strict_minima", "n_certified_minima_starts", "share_minima_starts",
-                "wilson_starts_lo", "wilson_starts_hi", "coin_probability", "mean_index",
-                "coin_index_sd", "seconds")
+                "n_minima", "share_minima", "cluster_lo", "cluster_hi", "wilson_iid_lo",
+                "wilson_iid_hi", "n_inits_certified", "n_minima_with_null", "n_strict_minima",
+                "n_certified_minima_starts", "share_minima_starts", "cluster_starts_lo",
+                "cluster_starts_hi", "wilson_starts_iid_lo", "wilson_starts_iid_hi",
+                "coin_probability", "mean_index", "coin_index_sd")
 POINT_COLUMNS = ("width", "n_params", "unique_id", "loss", "index", "n_pos", "n_neg", "n_null",
                  "is_minimum", "multiplicity", "grad_norm", "lambda_min", "lambda_max",
                  "tolerance", "init_id", "step", "noise_scale")
@@ -133,7 +152,8 @@ def validate() -> None:
         except ValueError as exc:
             errors.append(str(exc))
     for name, low in (("num_inits", 1), ("snapshot_every", 1), ("prefind_steps", 0),
-                      ("chunk_size", 1)):
+                      ("bootstrap", 1),
+                      ("chunk_size", 1), ("vmap_width", 1)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
     if FLAGS.snapshot_every >= 1 and FLAGS.train_steps % FLAGS.snapshot_every:
@@ -145,6 +165,14 @@ def validate() -> None:
         errors.append(f"--eig_rtol={FLAGS.eig_rtol}: must be a finite number >= 0")
     if not (math.isfinite(FLAGS.merge_rtol) and FLAGS.merge_rtol > 0):
         errors.append(f"--merge_rtol={FLAGS.merge_rtol}: must be a finite number > 0")
+    if FLAGS.reduced_nets:
+        from crit.saddles import check_maskable
+
+        try:
+            check_maskable(FLAGS.activation)
+        except ValueError as exc:
+            errors.append(f"--reduced_nets with --activation={FLAGS.activation}: {exc} (or pass "
+                          "--noreduced_nets)")
     out = Path(FLAGS.out_dir)
     if out.exists() and not out.is_dir():
         errors.append(f"--out_dir={out}: is a file, not a directory")
@@ -165,6 +193,25 @@ def problem_for(width: int):
                        l2=FLAGS.l2, n_points=FLAGS.n_points, data_seed=FLAGS.data_seed, **extra)
 
 
+def minima_by_init(num_inits: int, init_id, unique_id, multiplicity, is_minimum_unique,
+                   is_minimum_start) -> dict[str, np.ndarray]:
+    """Per-init numerators and denominators of the two shares of minima (clusters = inits).
+
+    Unique points: a point with multiplicity m counts 1/m for the init of each of its certified
+    starts, so the per-init denominators sum to the number of unique points. Certified starts:
+    each counts 1 for its init.
+    """
+    init_id, unique_id = np.asarray(init_id), np.asarray(unique_id)
+    rows = np.flatnonzero(unique_id >= 0)
+    ids, uid = init_id[rows], unique_id[rows]
+    w = 1.0 / np.asarray(multiplicity, dtype=np.float64)[uid]
+    is_min_u = np.asarray(is_minimum_unique, dtype=np.float64)[uid]
+    is_min_s = np.asarray(is_minimum_start, dtype=np.float64)[rows]
+    count = lambda weights: np.bincount(ids, weights=weights, minlength=num_inits)  # noqa: E731
+    return {"unique_min": count(w * is_min_u), "unique": count(w),
+            "starts_min": count(is_min_s), "starts": count(np.ones(len(rows)))}
+
+
 def run_width(width: int) -> dict:
     """Search one width; per-width summary row, unique points and every start."""
     import jax.numpy as jnp
@@ -173,8 +220,8 @@ def run_width(width: int) -> dict:
 
     pr = problem_for(width)
     masks = jnp.asarray(saddles.reduced_net_masks(width, FLAGS.num_inits))
-    transform = ((lambda i, p: saddles.mask_hidden_units(p, masks[i])) if FLAGS.reduced_nets
-                 else None)
+    transform = ((lambda i, p: saddles.mask_hidden_units(p, masks[i], FLAGS.activation))
+                 if FLAGS.reduced_nets else None)
     scales = parse_scales(FLAGS.noise_scales)
     n_starts = FLAGS.num_inits * (FLAGS.train_steps // FLAGS.snapshot_every + 1) * len(scales)
     progress = common.Progress(n_starts, label=f"starts (h = {width}, P = {pr.n_params})")
@@ -183,7 +230,8 @@ def run_width(width: int) -> dict:
         pr.loss_fn, pr.init_fn, seed=FLAGS.seed, num_inits=FLAGS.num_inits,
         optimizer=make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum),
         num_steps=FLAGS.train_steps, snapshot_every=FLAGS.snapshot_every, noise_scales=scales,
-        init_transform=transform, chunk_size=FLAGS.chunk_size, progress=progress.update,
+        init_transform=transform, chunk_size=FLAGS.chunk_size, vmap_width=FLAGS.vmap_width,
+        progress=progress.update,
         odd_activation=FLAGS.activation == "tanh",
         merge_tolerances=dict(loss_rtol=FLAGS.merge_rtol, eig_rtol=FLAGS.merge_rtol,
                               param_rtol=10 * FLAGS.merge_rtol),
@@ -201,17 +249,26 @@ def run_width(width: int) -> dict:
     lo, hi = theory.wilson_interval(k, n_u) if n_u else (np.nan, np.nan)
     lo_s, hi_s = (theory.wilson_interval(k_starts, len(cert_rows)) if len(cert_rows)
                   else (np.nan, np.nan))
+    by_init = minima_by_init(FLAGS.num_inits, st.init_id, res.unique_id, res.merged.multiplicity,
+                             is_min, pts.n_neg == 0)
+    c_lo, c_hi, _ = theory.cluster_bootstrap_ratio(by_init["unique_min"], by_init["unique"],
+                                                   FLAGS.bootstrap, FLAGS.seed)
+    cs_lo, cs_hi, _ = theory.cluster_bootstrap_ratio(by_init["starts_min"], by_init["starts"],
+                                                     FLAGS.bootstrap, FLAGS.seed)
     row = {"width": width, "n_params": p, "n_train": pr.dataset.n_train, "phi": pr.phi,
            "n_starts": len(st.init_id), **counts, "n_unique": n_u, "n_minima": k,
-           "share_minima": k / n_u if n_u else np.nan, "wilson_lo": lo, "wilson_hi": hi,
+           "share_minima": k / n_u if n_u else np.nan, "cluster_lo": c_lo, "cluster_hi": c_hi,
+           "wilson_iid_lo": lo, "wilson_iid_hi": hi,
+           "n_inits_certified": int(np.sum(by_init["starts"] > 0)),
            "n_minima_with_null": int(np.sum(is_min & (pts.n_null[u] > 0))),
            "n_strict_minima": int(np.sum(is_min & (pts.n_null[u] == 0))),
            "n_certified_minima_starts": k_starts,
            "share_minima_starts": k_starts / len(cert_rows) if len(cert_rows) else np.nan,
-           "wilson_starts_lo": lo_s, "wilson_starts_hi": hi_s,
+           "cluster_starts_lo": cs_lo, "cluster_starts_hi": cs_hi,
+           "wilson_starts_iid_lo": lo_s, "wilson_starts_iid_hi": hi_s,
            "coin_probability": float(theory.coin_flip_minimum_probability(p)),
            "mean_index": float(np.mean(pts.index[u])) if n_u else np.nan,
-           "coin_index_sd": 0.5 / math.sqrt(p), "seconds": seconds}
+           "coin_index_sd": 0.5 / math.sqrt(p)}
     n_s = len(st.init_id)
     points = {"width": np.full(n_u, width), "n_params": np.full(n_u, p),
               "unique_id": np.arange(n_u), "loss": pts.loss[u], "index": pts.index[u],
@@ -229,7 +286,7 @@ def run_width(width: int) -> dict:
               "grad_norm": pts.grad_norm, "iterations": pts.iterations, "index": pts.index,
               "unique_id": res.unique_id}
     return dict(row=row, points=points, starts=starts, eigenvalues=pts.eigenvalues[u],
-                problem=pr)
+                problem=pr, seconds=seconds)
 
 
 def figure(rows: list[dict], results: list[dict], out_dir: Path, title: str):
@@ -242,22 +299,27 @@ def figure(rows: list[dict], results: list[dict], out_dir: Path, title: str):
     ax.plot(grid, theory.coin_flip_minimum_probability(grid.astype(int)), "k--", lw=1,
             label="coin flips: 2^-P")
     floor = 1e-6
+    n_inits = np.array([r["n_inits_certified"] for r in rows])
     for key, lo_k, hi_k, color, label, shift in (
-            ("share_minima", "wilson_lo", "wilson_hi", "tab:blue", "unique certified points", 1.0),
-            ("share_minima_starts", "wilson_starts_lo", "wilson_starts_hi", "tab:orange",
+            ("share_minima", "cluster_lo", "cluster_hi", "tab:blue", "unique certified points",
+             1.0),
+            ("share_minima_starts", "cluster_starts_lo", "cluster_starts_hi", "tab:orange",
              "certified starts (with multiplicity)", 1.08)):
         share = np.array([r[key] for r in rows], dtype=float)
         lo = np.array([r[lo_k] for r in rows], dtype=float)
         hi = np.array([r[hi_k] for r in rows], dtype=float)
         ok = np.isfinite(share)
         pos = ok & (share > 0)
-        ax.errorbar(P[pos] * shift, share[pos], yerr=[share[pos] - np.maximum(lo[pos], floor),
-                                                       hi[pos] - share[pos]],
-                    fmt="o", color=color, capsize=3, label=f"{label} (95% Wilson)")
+        ax.errorbar(P[pos] * shift, share[pos],
+                    yerr=[np.maximum(share[pos] - np.maximum(lo[pos], floor), 0),
+                          np.maximum(hi[pos] - share[pos], 0)],
+                    fmt="o", color=color, capsize=3,
+                    label=f"{label} (95% bootstrap over inits)")
         zero = ok & (share == 0)
-        if zero.any():  # share 0: only the upper bound can be drawn on a log axis
-            ax.scatter(P[zero] * shift, hi[zero], marker="v", color=color, s=40,
-                       label=f"{label}: 0 minima, upper bound")
+        if zero.any():  # share 0: the bootstrap interval is [0, 0]; bound counting inits once
+            bound = [theory.wilson_interval(0, max(m, 1))[1] for m in n_inits[zero]]
+            ax.scatter(P[zero] * shift, bound, marker="v", color=color, s=40,
+                       label=f"{label}: 0 minima, Wilson bound with n = inits")
     ax.set_xscale("log")
     ax.set_yscale("log")
     coin_min = float(theory.coin_flip_minimum_probability(int(P.max())))
@@ -326,10 +388,12 @@ def main(argv):
               + ", ".join(f"{s} {r[s]}" for s in STATUSES)
               + f"; {r['n_unique']} unique, {r['n_minima']} minima "
               f"({r['n_minima_with_null']} with null λ) = {r['share_minima']:.3f} "
-              f"[{r['wilson_lo']:.3f}, {r['wilson_hi']:.3f}] vs 2^-P = "
-              f"{r['coin_probability']:.2e}; "
-              f"{r['seconds']:.0f}s", flush=True)
+              f"[{r['cluster_lo']:.3f}, {r['cluster_hi']:.3f}] (bootstrap over "
+              f"{r['n_inits_certified']} inits) vs 2^-P = {r['coin_probability']:.2e}; "
+              f"{res['seconds']:.0f}s", flush=True)
     rows = [res["row"] for res in results]
+    store.atomic_write_text(out_dir / "timing.txt", "".join(
+        f"width {r['width']}: {res['seconds']:.1f} s\n" for r, res in zip(rows, results)))
     store.write_csv(out_dir / "sizes.csv", {c: np.asarray([r[c] for r in rows])
                                             for c in SIZE_COLUMNS})
     store.write_csv(out_dir / "points.csv", concat([res["points"] for res in results]))
