@@ -50,8 +50,14 @@ def test_gradient_norm_descent_lowers_gradient(trained_small_net):
     result = jax.jit(lambda p: gradient_norm_descent(problem.loss_fn, p, num_steps=200,
                                                      learning_rate=1e-3))(params)
     assert float(result.grad_norm) < start
-    assert float(result.grad_norm) == pytest.approx(float(np.nanmin(result.history)), rel=1e-12) \
-        or float(result.grad_norm) < float(np.nanmin(result.history))
+    # history[0] is ‖g‖ where it started; grad_norm is ‖g‖ of the returned point, computed
+    # here again, and that point is the best iterate: no logged ‖g‖ is smaller.
+    assert float(result.history[0]) == pytest.approx(start, rel=1e-12)
+    returned = float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(
+        jax.grad(problem.loss_fn)(result.params))[0]))
+    assert float(result.grad_norm) == pytest.approx(returned, rel=1e-10)
+    assert float(result.grad_norm) <= float(np.nanmin(result.history))
+    assert float(result.grad_norm) < 0.9 * start  # measurable progress (15% in 200 steps)
 
 
 def test_certificate_labels():

@@ -186,3 +186,68 @@ def test_extremal_eigenvalues_of_mlp_hessian():
     np.testing.assert_allclose(out.largest.values[0], exact[-1], rtol=1e-8)
     np.testing.assert_allclose(out.smallest.values[0], exact[0], rtol=1e-8)
     assert bool(out.largest.converged[0]) and bool(out.smallest.converged[0])
+
+
+def _mlp_hessian_operator():
+    """Hessian of a 8-16-16-1 tanh MLP (P = 433) at its initialization, MSE on 128 points."""
+    from crit.hessian import dense_hessian, flat_loss, hvp_operator
+    from crit.problems import mlp_problem
+
+    problem = mlp_problem("gaussian", widths=(16, 16), n_points=128, dim_in=8)
+    f, theta, _ = flat_loss(problem.loss_fn, problem.init_fn(jax.random.PRNGKey(0)))
+    dense = np.asarray(jax.jit(lambda t: dense_hessian(f, t))(theta))
+    return dense, lambda v: hvp_operator(f, theta)[1](v)
+
+
+def _planted_negative_dominant():
+    """P = 400: a bulk in [-1, 1], top eigenvalues 3 and 2.5, bottom ones -8 and -6 (larger in
+    magnitude than the top: power iteration would return -8 as the 'largest')."""
+    lam = np.concatenate([np.linspace(-1.0, 1.0, 396), [2.5, 3.0, -6.0, -8.0]])
+    a = np.asarray(planted(lam, seed=7))
+    return a, dense_matvec(jnp.asarray(a))
+
+
+@pytest.mark.parametrize("operator", [_mlp_hessian_operator, _planted_negative_dominant],
+                         ids=["mlp_hessian_P433", "planted_P400"])
+def test_many_more_parameters_than_steps(operator):
+    """P ≫ steps (40 Lanczos steps, P = 433 / 400): no breakdown, so nothing is exact. Only the
+    extremal Ritz values converge; each lies within its true residual ρ of an eigvalsh
+    eigenvalue (and within ρ²/δ, Kato-Temple, δ the distance to the other eigenvalues), the
+    largest is the algebraically largest eigenvalue, and the Lanczos relation and the
+    orthonormality of the basis hold to rounding."""
+    a, matvec = operator()
+    m, k = 40, 3
+    exact = np.linalg.eigvalsh(a)
+    norm = np.abs(exact).max()
+    v0 = jax.random.normal(jax.random.PRNGKey(1), (a.shape[0],), dtype=jnp.float64)
+
+    @jax.jit
+    def run(v0):
+        return (lanczos_tridiag(matvec, v0, m),
+                extremal_eigenpairs(matvec, v0, m, k, true_residuals=True))
+
+    res, out = run(v0)
+    assert int(res.num_valid) == m  # no invariant subspace: the P >> steps regime
+    q = np.asarray(res.basis).T
+    off = np.asarray(res.betas[:-1])
+    t = np.diag(np.asarray(res.alphas)) + np.diag(off, 1) + np.diag(off, -1)
+    relation = a @ q - q @ t - np.outer(np.asarray(res.residual), np.eye(m)[-1])
+    assert np.abs(relation).max() <= 1e-14 * norm
+    assert np.abs(q.T @ q - np.eye(m)).max() <= 1e-13
+    # Interior Ritz values are far from converged (residuals of order ‖A‖/m)...
+    ritz, s = tridiag_eigh(res.alphas, res.betas, res.valid)
+    rho_all = np.abs(np.asarray(res.betas[-1] * s[-1]))
+    assert np.median(rho_all) > 1e-3 * norm
+    # ... the extremal ones are not, and the bounds hold with the true residuals. The slack is
+    # eigvalsh's own rounding, a few ε‖A‖.
+    slack = 64 * np.finfo(float).eps * norm
+    for pairs, reference in ((out.largest, exact[::-1][:k]), (out.smallest, exact[:k])):
+        theta, rho = np.asarray(pairs.values), np.asarray(pairs.residuals)
+        assert bool(pairs.converged[0]) and rho[0] <= 1e-8 * norm
+        np.testing.assert_allclose(pairs.residual_estimates, rho, rtol=1e-3, atol=slack)
+        for i in range(k):
+            err = abs(theta[i] - reference[i])
+            delta = np.min(np.abs(np.delete(exact, np.argmin(np.abs(exact - theta[i]))) - theta[i]))
+            assert err <= min(rho[i], rho[i] ** 2 / delta) + slack, (i, err, rho[i], delta)
+    assert float(out.largest.values[0]) == pytest.approx(exact[-1], abs=slack)
+    assert float(out.smallest.values[0]) == pytest.approx(exact[0], abs=slack)

@@ -15,9 +15,14 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import crit  # noqa: F401  (float64)
+from crit.hessian import flat_loss
+from crit.problems import mlp_problem
 from tests.app_runner import assert_same_results, kill_when, run_app, start_app
 
 SMALL_SINC = ["--dataset=sinc", "--widths=4", "--n_points=32"]
@@ -148,6 +153,14 @@ def test_trajectory_pca(runs):
     assert d["components_model"].shape == (2, P_SINC)
     assert d["components_layer"].shape == (2, 1 * 4 + 4)  # Dense_0: kernel (1, 4) + bias (4,)
     assert np.all(np.isfinite(d["loss"])) and d["loss"][:, -1].max() < d["loss"][:, 0].max()
+    # Independent PCA of the stored snapshots: centred, SVD, projections (signs may differ).
+    x = d["params"].reshape(-1, P_SINC)
+    _, sv, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    np.testing.assert_allclose(d["explained_variance_ratio_model"], sv[:2] ** 2 / np.sum(sv ** 2),
+                               rtol=1e-10)
+    np.testing.assert_allclose(np.abs(d["components_model"] @ vt[:2].T), np.eye(2), atol=1e-8)
+    np.testing.assert_allclose(d["coords_model"].reshape(-1, 2),
+                               (x - x.mean(axis=0)) @ d["components_model"].T, atol=1e-10)
     for part in ("model", "layer"):  # shares of the total variance, first two components
         ratio = d[f"explained_variance_ratio_{part}"]
         assert ratio.shape == (2,) and np.all(ratio >= 0) and ratio.sum() <= 1 + 1e-12
@@ -203,10 +216,19 @@ def test_surface_2d(runs):
     assert d["theta_star"].shape == d["d1"].shape == d["d2"].shape == (P_SINC,)
     lam = d["hessian_eigenvalues"]
     assert lam.shape == (P_SINC,)
-    # --directions=hessian: unit, orthogonal eigenvectors of the two largest eigenvalues
-    np.testing.assert_allclose([d["d1"] @ d["d1"], d["d2"] @ d["d2"], d["d1"] @ d["d2"]],
-                               [1, 1, 0], atol=1e-10)
-    assert lam[-1] >= lam[-2]
+    # --directions=hessian: unit eigenvectors of the two largest eigenvalues of the Hessian at
+    # θ*, checked against a Hessian computed here (jax.hessian of the same problem).
+    problem = mlp_problem("sinc", widths=(4,), n_points=32)
+    f, _, _ = flat_loss(problem.loss_fn, problem.init_fn(jax.random.PRNGKey(0)))
+    hess = np.asarray(jax.hessian(f)(jnp.asarray(d["theta_star"])))
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(hess), atol=1e-12 * np.abs(lam).max())
+    for v, value in ((d["d1"], lam[-1]), (d["d2"], lam[-2])):
+        np.testing.assert_allclose(v @ v, 1.0, rtol=1e-12)
+        np.testing.assert_allclose(hess @ v, value * v, atol=1e-10 * np.abs(lam).max())
+    assert lam[-1] > lam[-2]
+    # a grid point: L(θ* + α d1 + β d2) at the corner α = β = −1, evaluated here
+    np.testing.assert_allclose(d["loss"][0, 0], f(jnp.asarray(d["theta_star"] - d["d1"] - d["d2"])),
+                               rtol=1e-12)
     n_path = 5 + 1  # snapshots at steps 0, 5, ..., 20, then θ*
     assert d["path_alpha"].shape == d["path_beta"].shape == d["path_residual"].shape == (n_path,)
     np.testing.assert_allclose([d["path_alpha"][-1], d["path_beta"][-1]], 0, atol=1e-10)

@@ -33,8 +33,13 @@ def test_batched_classification_matches_single():
     batched = classify_spectrum(jnp.asarray(eig), tolerance=0.1)
     for i in range(4):
         single = classify_spectrum(jnp.asarray(eig[i]), tolerance=0.1)
-        assert int(batched.n_pos[i]) == int(single.n_pos)
-        assert int(batched.n_null[i]) == int(single.n_null)
+        lam = eig[i]
+        counts = (np.sum(lam > 0.1), np.sum(lam < -0.1), np.sum(np.abs(lam) <= 0.1))
+        assert (int(single.n_pos), int(single.n_neg), int(single.n_null)) == counts
+        for field in single._fields:  # fractions are means: batched, they may differ by an ulp
+            np.testing.assert_allclose(getattr(batched, field)[i], getattr(single, field),
+                                       rtol=4 * np.finfo(float).eps, atol=0, err_msg=field)
+        np.testing.assert_allclose(single.min_ratio, counts[0] / 10, rtol=4 * np.finfo(float).eps)
 
 
 def test_all_null_gives_nan_nonnull_ratio():
