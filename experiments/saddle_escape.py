@@ -13,6 +13,8 @@ Protocol (REFERENCES §1, §4; crit/escape.py).
    with index > 0 are saddles; copies with the same loss and index (to 1e-9 relative) are merged,
    and up to --num_saddles of them, spread over the loss range, are studied. Every candidate
    keeps its row in saddles.csv. If no saddle is found the app says so and exits with status 3.
+   Trajectories and candidates run in vmapped groups of --vmap_width, so the candidate of
+   (init i, step s) is the same bits whatever --num_inits and --snapshots are.
 2. At each saddle θ* with most negative eigenpair (λ, u): L(θ* + t·u) for t ∈ [−T, T] beside
    L* + ½λt².
 3. Restarts: gradient descent (lr --escape_lr) from θ* ± εu and from θ* + εv_k for --num_random
@@ -48,6 +50,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_inits", 16, "Random initializations (each gives one candidate per "
                      "snapshot).")
 flags.DEFINE_integer("seed", 0, "Root seed; init i uses fold_in(PRNGKey(seed), i).")
+flags.DEFINE_integer("vmap_width", 16, "Trajectories, and candidates (init × snapshot) in the "
+                     "finder, run in vmapped groups of this many, one group after another. Part "
+                     "of the fingerprint: with a fixed width the candidate of init i does not "
+                     "depend on --num_inits or --snapshots (XLA may round a batched op "
+                     "differently at another width).")
 flags.DEFINE_string("snapshots", "0,50,200", "Training steps at which the finder starts "
                     "(comma separated, >= 0).")
 flags.DEFINE_integer("num_saddles", 3, "Saddles studied (spread over the loss range).")
@@ -133,7 +140,7 @@ def validate() -> None:
             parse()
         except ValueError as exc:
             e.append(str(exc))
-    for name, low in (("num_inits", 1), ("num_saddles", 1), ("line_points", 3),
+    for name, low in (("num_inits", 1), ("vmap_width", 1), ("num_saddles", 1), ("line_points", 3),
                       ("num_random", 1), ("escape_steps", 1), ("pgd_interval", 1),
                       ("dense_max_params", 1), ("krylov_dim", 1), ("lanczos_steps", 2),
                       ("toy_steps", 1)):
@@ -213,13 +220,26 @@ def find_candidates(problem, snapshots: list[int]) -> dict:
                     lambda_min=s.lambda_min, lambda_max=s.lambda_max, tolerance=s.tolerance,
                     finder_iterations=found.iterations)
 
-    def one(i):
-        return jax.vmap(refine)(trajectory(i))
+    width = FLAGS.vmap_width
 
-    out = jax.device_get(jax.jit(jax.vmap(one))(jnp.arange(FLAGS.num_inits)))
+    def fixed_width_map(fn, xs):
+        # Groups of exactly `width` rows (the last padded with repeats, then cut off): every
+        # group is the same XLA program, so a row's numbers do not depend on how many rows
+        # there are. A vmap over all of them would round differently for another
+        # --num_inits or --snapshots, and Newton amplifies a last-bit difference.
+        n = xs.shape[0]
+        pad = -n % width
+        xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
+        out = jax.lax.map(fn, xs, batch_size=width)
+        return jax.tree.map(lambda a: a[:n], out)
+
+    @jax.jit
+    def run(ids):
+        starts = fixed_width_map(trajectory, ids)  # (inits, snapshots, P)
+        return fixed_width_map(refine, starts.reshape(-1, starts.shape[-1]))
+
     n_s = len(snapshots)
-    rec = {k: np.asarray(v).reshape(FLAGS.num_inits * n_s, *np.shape(v)[2:])
-           for k, v in out.items()}
+    rec = {k: np.asarray(v) for k, v in jax.device_get(run(jnp.arange(FLAGS.num_inits))).items()}
     rec["init_id"] = np.repeat(np.arange(FLAGS.num_inits), n_s)
     rec["start_step"] = np.tile(np.asarray(snapshots), FLAGS.num_inits)
     return rec

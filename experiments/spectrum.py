@@ -145,6 +145,9 @@ def validate() -> None:
     for name in ("hvp_batch_size", "probe_batch", "init_id"):
         if getattr(FLAGS, name) < 0:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
+    if FLAGS.eig_tol is not None and FLAGS["tol_scale"].present:
+        errors.append(f"--tol_scale={FLAGS.tol_scale}: scales the default τ only; --eig_tol="
+                      f"{FLAGS.eig_tol} sets τ itself (drop one of them)")
     for name in ("tol_scale", "log_sigma"):
         value = getattr(FLAGS, name)
         if not (math.isfinite(value) and value > 0):

@@ -116,14 +116,23 @@ def test_saddle_escape_killed_and_rerun_writes_the_same_files(saddle_run, tmp_pa
 
 
 def test_saddle_escape_says_so_when_no_saddle_is_found(tmp_path):
-    out = tmp_path / "none"
-    proc = run_app("saddle_escape", *SADDLE_TINY, "--finder_steps=1", f"--out_dir={out}",
-                   check=False)
-    assert proc.returncode == 3, proc.stderr
-    assert "NO CERTIFIED SADDLE" in proc.stderr and "--num_inits" in proc.stderr
-    cand = read_rows(out / "saddles.csv")  # the candidate is still listed
-    assert len(cand) == 1 and cand[0]["status"] != "critical" and cand[0]["saddle"] == "-1"
-    assert not (out / "optimizers.csv").exists()
+    rows = {}
+    # the second run has more inits and snapshots: init 0's candidate at step 0 must be the
+    # same bits (fixed vmap width), not whatever a vmap over all candidates rounds to
+    for n, extra in ((1, []), (2, ["--num_inits=2", "--snapshots=0,5"])):
+        out = tmp_path / f"none{n}"
+        proc = run_app("saddle_escape", *SADDLE_TINY, "--finder_steps=1", *extra,
+                       f"--out_dir={out}", check=False)
+        assert proc.returncode == 3, proc.stderr
+        assert "NO CERTIFIED SADDLE" in proc.stderr and "--num_inits" in proc.stderr
+        rows[n] = read_rows(out / "saddles.csv")  # every candidate is still listed
+        assert all(r["status"] != "critical" for r in rows[n])
+        assert all(r["saddle"] == "-1" for r in rows[n])
+        assert not (out / "optimizers.csv").exists()
+    assert [(r["init_id"], r["start_step"]) for r in rows[1]] == [("0", "0")]
+    assert [(r["init_id"], r["start_step"]) for r in rows[2]] == [("0", "0"), ("0", "5"),
+                                                                  ("1", "0"), ("1", "5")]
+    assert rows[2][0] == rows[1][0]
 
 
 # --- loss_distribution --------------------------------------------------------------------------

@@ -125,9 +125,12 @@ def test_other_configuration_in_the_same_dir_is_refused_before_compute(krylov_ru
 
 
 @pytest.mark.parametrize("bad, named", [
+    # --finder, --grad_tol: shared flags the app never reads; --tol_scale: ignored beside
+    # --eig_tol (TINY sets it)
     (["--snapshots=0,abc", "--lanczos_steps=1", "--slq_probes=0", "--finder=gradnorm",
-      "--grad_tol=1e-3"],
-     ["--snapshots", "--lanczos_steps", "--slq_probes", "--finder", "--grad_tol"]),
+      "--grad_tol=1e-3", "--tol_scale=10"],
+     ["--snapshots", "--lanczos_steps", "--slq_probes", "--finder", "--grad_tol",
+      "--tol_scale"]),
     (["--snapshots=0,41"], ["--snapshots"]),
     # P = 112,810: too large for a dense Hessian
     (["--compare_dense=true", "--widths=300,300"], ["--compare_dense"]),
