@@ -623,8 +623,8 @@ def main(argv):
     store.write_csv(out_dir / "escape_line.csv", {k: np.asarray(v) for k, v in rows.items()})
     store.atomic_save_npz(out_dir / "restarts.npz", {
         "saddle_loss": np.array([st["loss_star"] for st in studies]),
-        # λ_min of the dense Hessian, or with P > --dense_max_params the smallest Ritz value
-        # of --lanczos_steps Lanczos steps: its residual ‖Hu − λu‖ and converged flag say which
+        # λ_min of the dense Hessian, or with P > --dense_max_params the smallest Ritz value of
+        # --lanczos_steps Lanczos steps; its residual ‖Hu − λu‖ and converged flag beside it
         "eigenvalue": np.array([st["eigenvalue"] for st in studies]),
         "eigenvalue_residual": np.array([st["residual"] for st in studies]),
         "eigenvalue_converged": np.array([st["converged"] for st in studies]),

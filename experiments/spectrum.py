@@ -39,7 +39,6 @@ shows the fractions at coarser τ, where SLQ does resolve them.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -84,6 +83,7 @@ for _name, _value in (("dataset", "digits"), ("widths", "300,300"), ("n_points",
 NOT_APPLICABLE = {name: "this app takes spectra along the training trajectory; no critical "
                   "point is sought" for name in ("finder", "finder_steps", "finder_lr",
                                                   "grad_tol", "flat_tol")}
+NOT_PROTOCOL = ("out_dir", "overwrite", *NOT_APPLICABLE)
 AUTO_DENSE_MAX_P = 3000
 DENSE_LIMIT_P = 20000  # a P x P float64 Hessian of 3.2 GB; eigvalsh takes many minutes
 SWEEP_REL_TOLS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # τ / max|θ| for the tolerance sweep
@@ -173,19 +173,14 @@ def compare_dense(n_params: int) -> bool:
 
 
 def run_config(problem, snapshots, dense: bool) -> dict:
-    """config.json: the fingerprint (everything that changes numbers) and the rest."""
-    protocol = {name: getattr(FLAGS, name) for name in (
-        "dataset", "n_points", "data_seed", "dim_in", "dim_out", "widths", "activation",
-        "use_bias", "loss", "l2", "optimizer", "learning_rate", "momentum", "train_steps",
-        "train_dtype", "seed", "init_id", "lanczos_steps", "slq_probes", "num_eigs",
-        "hvp_batch_size", "probe_batch", "eig_tol", "tol_scale", "z", "log_every",
-        "density_sigma", "log_sigma")}
+    """config.json: the fingerprint (every flag that can change a number: all of them but the
+    output options and the inapplicable ones, with --snapshots and --compare_dense resolved)
+    and the rest."""
+    shared, own = common.flag_values(__name__)
+    protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name, snapshots=snapshots,
                     compare_dense=dense)
-    module_flags = FLAGS.get_flags_for_module(sys.modules[__name__])
-    return {"experiment": "spectrum", "protocol": protocol,
-            "flags": {f.name: f.value for f in module_flags}
-            | {f.name: f.value for f in FLAGS.get_flags_for_module(common)},
+    return {"experiment": "spectrum", "protocol": protocol, "flags": shared | own,
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "environment": common.environment()}
 
@@ -328,7 +323,8 @@ def analyse_snapshot(analyse, dense_eigs, theta) -> dict:
 def snapshot_line(step: int, row: dict, seconds: float) -> str:
     """What the app prints for one analysed snapshot."""
     f = lambda name: float(row["spec_" + name])  # noqa: E731
-    line = (f"step {step:>6}: loss {float(row['loss']):.4g}, ‖g‖ {float(row['grad_norm']):.2e}, "
+    line = (f"step {step:>6}: loss {float(row['loss']):.4g}, "
+            f"‖g‖ {float(row['grad_norm']):.2e}, "
             f"λ_min {f('lambda_min'):.6g}{'' if row['spec_lambda_min_converged'] else '?'}, "
             f"λ_max {f('lambda_max'):.6g}{'' if row['spec_lambda_max_converged'] else '?'}, "
             f"min ratio (SLQ) {f('min_ratio'):.4f} [{f('min_ratio_lo'):.4f}, "
