@@ -19,6 +19,13 @@ ESTIMATES = ("min_ratio_est", "min_ratio_lo", "min_ratio_hi", "index_est", "inde
 KRYLOV_COLUMNS = ["step", "loss", "grad_norm", "lambda_min", "lambda_max",
                   "lambda_min_converged", "lambda_max_converged", *ESTIMATES, "tolerance",
                   "num_matvecs"]
+NPZ_KEYS = ["step", "n_params", "nodes", "weights", "node_residuals", "node_valid",
+            "ritz_largest", "ritz_largest_residuals", "ritz_smallest",
+            "ritz_smallest_residuals", "tolerance", "train_step", "train_loss",
+            "train_grad_norm", "sweep_rel_tol", "grid", "density", "log_grid",
+            "log_density_pos", "log_density_neg",
+            *(f"sweep_{name}_{part}" for name in ("min_ratio", "index", "null_fraction")
+              for part in ("est", "lo", "hi"))]
 DENSE_COLUMNS = ["n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
                  "exact_lambda_min", "exact_lambda_max"]
 
@@ -49,8 +56,16 @@ def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
     assert list(rows[0]) == KRYLOV_COLUMNS + DENSE_COLUMNS
     assert [int(r["step"]) for r in rows] == [0, 40]
     with np.load(out / "spectrum.npz", allow_pickle=False) as s:
+        assert sorted(s.files) == sorted(NPZ_KEYS + ["exact_eigenvalues"])
         eigs = s["exact_eigenvalues"]
-        assert eigs.shape == (2, P)
+        assert eigs.shape == (2, P) and int(s["n_params"]) == P
+        assert s["density"].shape == s["grid"].shape == (2, 2000)
+        assert s["log_density_pos"].shape == s["log_grid"].shape == (2, 600)
+        assert np.all(s["density"] >= 0) and np.all(np.diff(s["grid"], axis=1) > 0)
+        np.testing.assert_array_equal(s["tolerance"], [1e-2, 1e-2])
+        lambda_max = [float(r["lambda_max"]) for r in rows]
+        np.testing.assert_array_equal(s["ritz_largest"][:, 0], lambda_max)
+        assert np.all(s["ritz_largest_residuals"] >= 0) and s["node_valid"].dtype == bool
         assert s["nodes"].shape == s["weights"].shape == (2, 3, 30)
         assert s["ritz_largest"].shape == (2, 2)
         np.testing.assert_allclose(s["weights"].sum(axis=2), 1.0, rtol=1e-12)
@@ -59,7 +74,10 @@ def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
         assert np.all(np.isfinite(s["train_loss"])) and s["train_loss"][-1] < s["train_loss"][0]
         assert list(s["step"]) == [0, 40]
         assert s["sweep_min_ratio_est"].shape == (2, len(s["sweep_rel_tol"]))
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
     for j, r in enumerate(rows):
+        assert float(r["grad_norm"]) > 0 and r["lambda_max_converged"] == "True"
+        assert r["lambda_min_converged"] in ("True", "False")
         tau = float(r["tolerance"])
         assert tau == 1e-2
         counts = [int(r[k]) for k in ("n_pos", "n_neg", "n_null")]
@@ -89,8 +107,11 @@ def test_krylov_run_has_estimates_and_no_counts(krylov_run, dense_run):
     assert len(rows) == 2
     for r, d in zip(rows, dense):  # the same SLQ run with or without the dense comparison
         assert {k: r[k] for k in KRYLOV_COLUMNS} == {k: d[k] for k in KRYLOV_COLUMNS}
-    with np.load(out / "spectrum.npz", allow_pickle=False) as s:
-        assert "exact_eigenvalues" not in s.files and s["nodes"].shape == (2, 3, 30)
+    with np.load(out / "spectrum.npz", allow_pickle=False) as s, \
+            np.load(dense_run[0] / "spectrum.npz", allow_pickle=False) as d:
+        assert sorted(s.files) == sorted(NPZ_KEYS)  # no exact_eigenvalues
+        for key in NPZ_KEYS:
+            np.testing.assert_array_equal(s[key], d[key], err_msg=key)
     for stem in ("spectrum_density", "spectrum_summary"):
         assert (out / f"{stem}.png").stat().st_size > 0
     assert "exact:" not in proc.stdout
