@@ -53,9 +53,9 @@ flags.DEFINE_string("batch_alpha_range", "-1,2", "α range 'lo,hi' of the small�
 flags.DEFINE_integer("num_alphas", 151, "α values per line.")
 flags.DEFINE_string("zoom", "0.9,1.1", "α range 'lo,hi' of the high-resolution view.")
 flags.DEFINE_integer("zoom_points", 401, "α values of the high-resolution view.")
-flags.DEFINE_integer("chunk_size", 0, "α values evaluated at once per line, in one vmap (0: "
-                     "all; bounds memory). Part of the fingerprint: XLA rounds a batch of another "
-                     "width differently, so another value changes the last bits.")
+flags.DEFINE_integer("vmap_width", 0, "α values of a line vmapped together (0: all; bounds "
+                     "memory). In the fingerprint: XLA rounds a batch of another width "
+                     "differently, so another width changes the last bits.")
 flags.DEFINE_string("out_dir", "runs/interpolation", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -102,7 +102,7 @@ def validate() -> None:
         parse_range(name, errors)
     for name, low in (("num_runs", 2), ("epochs", 1), ("small_batch", 1), ("large_batch", 1),
                       ("record_every", 1), ("num_alphas", 2), ("zoom_points", 2),
-                      ("chunk_size", 0)):
+                      ("vmap_width", 0)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
     for name in ("small_batch", "large_batch"):
@@ -202,10 +202,10 @@ def analyse(problem, theta0, theta_star, snaps, theta_large, alphas, zoom):
     ``alphas`` (L, A), then on the common ``zoom`` grid), the metrics of the models and of the
     lines' end points, and the trajectory projections and snapshot losses of the runs."""
     metrics = metric_fn(problem)
-    chunk = FLAGS.chunk_size or None
+    width = FLAGS.vmap_width or None
     theta_a, theta_b = line_ends(theta0, theta_star, theta_large)
     grid = jnp.concatenate([alphas, jnp.broadcast_to(zoom, (alphas.shape[0], zoom.size))], 1)
-    line = lambda a, b, al: landscape.interpolate_metrics(metrics, a, b, al, chunk)
+    line = lambda a, b, al: landscape.interpolate_metrics(metrics, a, b, al, width)
     both = jax.vmap(line)(theta_a, theta_b, grid)
     width = alphas.shape[1]
     models = jax.tree.map(lambda s, l: jnp.concatenate([s, l[None]]), theta_star, theta_large)

@@ -58,9 +58,9 @@ flags.DEFINE_integer("dense_max_params", 5000, "Largest P for the exact dense He
                      "λ_max comes from Lanczos on Hessian-vector products.")
 flags.DEFINE_integer("lanczos_steps", 100, "Lanczos steps (one Hessian-vector product each) for "
                      "λ_max when P > --dense_max_params.")
-flags.DEFINE_integer("chunk_size", 256, "Points / starts / Hessian columns evaluated at once, "
-                     "in one vmap (bounds memory). Part of the fingerprint: XLA rounds a batch of "
-                     "another width differently, so another value changes the last bits.")
+flags.DEFINE_integer("vmap_width", 256, "Test points / random starts / Hessian columns vmapped "
+                     "together (bounds memory). In the fingerprint: XLA rounds a batch of another "
+                     "width differently, so another width changes the last bits.")
 flags.DEFINE_string("out_dir", "runs/sharpness", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
                   "--out_dir.")
@@ -116,7 +116,7 @@ def validate() -> None:
         errors.append(str(exc))
     for name, low in (("epochs", 1), ("num_runs", 1), ("sharpness_samples", 1),
                       ("ascent_steps", 0), ("dense_max_params", 1), ("lanczos_steps", 1),
-                      ("chunk_size", 1)):
+                      ("vmap_width", 1)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
     if not (math.isfinite(FLAGS.epsilon) and FLAGS.epsilon > 0):
@@ -129,7 +129,7 @@ def validate() -> None:
 
 
 
-def hessian_or_lanczos(loss_fn, params, key, dense: bool, chunk: int, lanczos_steps: int):
+def hessian_or_lanczos(loss_fn, params, key, dense: bool, width: int, lanczos_steps: int):
     """Dense: ``{"hessian": H}``, the symmetrized Hessian (P, P) (its ``eigvalsh`` is taken in
     NumPy, which on CPU is much faster than XLA's). Otherwise ``{"lambda_max": θ, "lambda_max_
     residual": ρ}``: the largest Ritz value of a Lanczos run on HVPs from a Gaussian start and its
@@ -138,7 +138,7 @@ def hessian_or_lanczos(loss_fn, params, key, dense: bool, chunk: int, lanczos_st
     p = ravel_pytree(params)[0].size
     if dense:
         eye = jnp.eye(p, dtype=jnp.float64)
-        return {"hessian": symmetrize(landscape.chunked_vmap(matvec, eye, chunk))}  # rows H e_i
+        return {"hessian": symmetrize(landscape.chunked_vmap(matvec, eye, width))}  # rows H e_i
     v0 = jax.random.normal(key, (p,), jnp.float64)
     top = extremal_eigenpairs(matvec, v0, lanczos_steps, 1).largest
     return {"lambda_max": top.values[0], "lambda_max_residual": top.residual_estimates[0]}
@@ -159,10 +159,10 @@ def analyse(problem, dense: bool):
         sharp = landscape.epsilon_sharpness(
             problem.loss_fn, params, jax.random.fold_in(key, 0), FLAGS.epsilon,
             FLAGS.sharpness_samples, FLAGS.ascent_steps, constraint=FLAGS.constraint,
-            chunk_size=FLAGS.chunk_size)
-        sens = landscape.input_sensitivity(output, params, xte, FLAGS.chunk_size)
+            chunk_size=FLAGS.vmap_width)
+        sens = landscape.input_sensitivity(output, params, xte, FLAGS.vmap_width)
         curvature = hessian_or_lanczos(problem.loss_fn, params, jax.random.fold_in(key, 1),
-                                       dense, FLAGS.chunk_size, FLAGS.lanczos_steps)
+                                       dense, FLAGS.vmap_width, FLAGS.lanczos_steps)
         acc = lambda x_, y_: (jnp.mean(jnp.argmax(problem.apply_fn(params, x_), -1) == y_)
                               if classification else jnp.nan)
         out = dict(train_loss=loss, test_loss=problem.batch_loss_fn(params, xte, yte),

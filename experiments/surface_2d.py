@@ -8,7 +8,7 @@ Protocol: one model from ``init_fn(fold_in(PRNGKey(seed), 0))`` is trained full-
 optimizer flags; a snapshot every ``--record_every`` steps) and its end point is refined by the
 critical-point finder (``--finder``) into θ*, certified critical iff ‖∇L(θ*)‖ ≤ ``--grad_tol``.
 The plane is L(θ* + α δ + β η) on a ``--grid`` × ``--grid`` lattice over [−extent, extent]²,
-evaluated in vmapped chunks of ``--chunk_size`` points, with
+evaluated in vmapped groups of ``--vmap_width`` points, with
 
 * ``--directions=random``: δ, η Gaussian, filter-normalized (each unit's incoming weights rescaled
   to the norm of θ*'s, biases zeroed; Li et al.), from fold_in(init key, 1) and (…, 2);
@@ -46,9 +46,9 @@ flags.DEFINE_enum("directions", "random", ["random", "hessian"], "Plane directio
                   "5000).")
 flags.DEFINE_integer("grid", 51, "Grid points per axis.")
 flags.DEFINE_float("extent", 1.0, "The grid covers [-extent, extent]² in (α, β).")
-flags.DEFINE_integer("chunk_size", 256, "Grid points evaluated at once, in one vmap (bounds "
-                     "memory). Part of the fingerprint: XLA rounds a batch of another width "
-                     "differently, so another value changes the last bits.")
+flags.DEFINE_integer("vmap_width", 256, "Grid points vmapped together (bounds memory). In the "
+                     "fingerprint: XLA rounds a batch of another width differently, so another "
+                     "width changes the last bits.")
 flags.DEFINE_integer("record_every", 50, "Training snapshot every this many steps.")
 flags.DEFINE_string("out_dir", "runs/surface_2d", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "
@@ -76,8 +76,8 @@ def validate() -> None:
         errors.append(f"--grid={FLAGS.grid}: must be >= 3")
     if not (math.isfinite(FLAGS.extent) and FLAGS.extent > 0):
         errors.append(f"--extent={FLAGS.extent}: must be a finite number > 0")
-    if FLAGS.chunk_size < 1:
-        errors.append(f"--chunk_size={FLAGS.chunk_size}: must be >= 1")
+    if FLAGS.vmap_width < 1:
+        errors.append(f"--vmap_width={FLAGS.vmap_width}: must be >= 1")
     if FLAGS.record_every < 1:
         errors.append(f"--record_every={FLAGS.record_every}: must be >= 1")
     out = Path(FLAGS.out_dir)
@@ -142,7 +142,7 @@ def on_plane(problem, alphas, theta_star, d1, d2, snaps):
     """The grid of losses and the path's plane coordinates, off-plane residuals and distances
     to θ* (the path is the training snapshots followed by θ* itself)."""
     loss = landscape.surface_2d(problem.loss_fn, theta_star, d1, d2, alphas, alphas,
-                                FLAGS.chunk_size)
+                                FLAGS.vmap_width)
     path = jax.tree.map(lambda s, t: jnp.concatenate([s, t[None]]), snaps, theta_star)
     coef = landscape.project_onto_plane(path, theta_star, d1, d2)
     flat = lambda t: ravel_pytree(t)[0]

@@ -35,12 +35,12 @@ TINY = {
                                      "--finder_steps=3"],
     "interpolation": ["--widths=4", "--n_points=200", "--epochs=2", "--small_batch=16",
                       "--large_batch=64", "--num_runs=2", "--num_alphas=7", "--zoom_points=5",
-                      "--record_every=4", "--chunk_size=3"],
+                      "--record_every=4", "--vmap_width=3"],
     "surface_2d": SMALL_SINC + ["--train_steps=20", "--record_every=5", "--finder_steps=2",
-                                "--grid=5", "--chunk_size=7", "--directions=hessian"],
+                                "--grid=5", "--vmap_width=7", "--directions=hessian"],
     "sharpness": ["--widths=4", "--n_points=128", "--batch_sizes=64,16", "--epochs=1",
                   "--num_runs=2", "--sharpness_samples=2", "--ascent_steps=2",
-                  "--chunk_size=16"],
+                  "--vmap_width=16"],
     "toy_saddle": ["--grid_size=21", "--steps=20"],
 }
 # More tiny runs: λ_max from Lanczos on the sharpness models of the dense reference run.
@@ -317,21 +317,21 @@ def test_killed_run_rerun_gives_the_same_files(batch, app):
 
 
 @pytest.mark.parametrize("app", ["interpolation", "surface_2d", "sharpness"])
-def test_chunk_size_is_in_the_fingerprint(runs, app):
-    """--chunk_size is the vmap width of the evaluations, and XLA rounds another width
-    differently: it must be in the fingerprint, or a rerun with another value would resume
-    and mix numbers."""
+def test_vmap_width_is_in_the_fingerprint(runs, app):
+    """--vmap_width (it was --chunk_size, "never changes results", kept out of the fingerprint)
+    is the width of the evaluations' vmap, and XLA rounds another width differently: it must
+    be in the fingerprint, or a rerun with another value would resume and mix numbers."""
     protocol = json.loads((finished(runs, app) / "config.json").read_text())["protocol"]
-    assert "chunk_size" in protocol
+    assert "vmap_width" in protocol and "chunk_size" not in protocol
 
 
-def test_rerun_with_another_chunk_size_is_refused(runs):
+def test_rerun_with_another_vmap_width_is_refused(runs):
     out = finished(runs, "surface_2d")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".npz", ".json")}
-    args = [a for a in TINY["surface_2d"] if not a.startswith("--chunk_size")]
-    proc = run_app("surface_2d", f"--out_dir={out}", *args, "--chunk_size=5", check=False)
+    args = [a for a in TINY["surface_2d"] if not a.startswith("--vmap_width")]
+    proc = run_app("surface_2d", f"--out_dir={out}", *args, "--vmap_width=5", check=False)
     assert proc.returncode != 0 and "different configuration" in proc.stderr
-    assert "chunk_size" in proc.stderr
+    assert "vmap_width" in proc.stderr
     assert before == {p.name: p.read_bytes() for p in out.iterdir()
                       if p.suffix in (".npz", ".json")}
 
