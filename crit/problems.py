@@ -1,22 +1,38 @@
-"""Data sets, models and losses, bundled into a :class:`Problem`.
+"""A learning task as pure functions: a model (crit.models), data (crit.data) and a loss.
 
-A :class:`Problem` is everything the rest of crit needs to know about a learning task:
+A :class:`Problem` is everything the rest of crit needs to know about a task:
 
-* ``init_fn(key) -> params`` draws one random initialization (a parameter pytree),
-* ``loss_fn(params) -> scalar`` is the *full-batch* training loss (it closes over the data),
-* ``batch_loss_fn(params, x, y) -> scalar`` is the same loss on any batch (mean over its rows),
-* ``apply_fn(params, x) -> outputs`` runs the model.
+* ``init_fn(key) -> params``: one random initialization of the *trainable* parameters
+  (the Flax ``params`` collection, as ``{"params": ...}``). P counts these and nothing else.
+* ``init_state_fn(key) -> state``: the model's state (BatchNorm running statistics,
+  ``{"batch_stats": ...}``; ``{}`` for a stateless model). State is never a parameter: it gets
+  no gradient, is not trained by the optimizer, and does not enter the Hessian.
+* ``loss_fn(params, state=None) -> scalar``: the *full-data* training loss
+  L(θ) = Σ_b (n_b / N) · L_b(θ) + (l2/2)·‖θ‖², accumulated over data batches of
+  ``eval_batch_size`` rows (all rows at once when 0), with exact weights n_b / N however
+  unevenly N divides. Each batch runs under ``jax.checkpoint``, so the gradient and the
+  Hessian-vector products of this one function keep the activations of one batch at a time,
+  not of all N rows: the trainer, the finders, the dense Hessian and Lanczos all differentiate
+  this function, one code path. ``state=None`` means the state at initialization.
+* ``batch_loss_fn(params, x, y, state=None) -> scalar``: the same loss on any batch.
+* ``train_loss_fn(params, state, x, y, key) -> (loss, new_state)``: the loss in training mode
+  (BatchNorm on batch statistics, running averages updated; dropout on with ``key``).
+* ``apply_fn(params, x, state=None) -> outputs``: the model in evaluation mode.
+
+BatchNorm semantics of every loss whose derivatives crit takes (``batchnorm``):
+
+* ``"eval"`` (default): running statistics, fixed after training. The loss is an ordinary
+  function of θ, the same for any ``eval_batch_size``.
+* ``"batch"``: each evaluation batch is normalized with its own mean and variance, and the
+  Hessian includes the dependence of the loss through those statistics. The loss then depends
+  on ``eval_batch_size`` (record it).
+* ``"none"``: the model has no state (no BatchNorm).
+
+Dropout is used in training only; every loss crit differentiates is deterministic.
 
 Everything is a pure function, so a problem composes with ``jit``, ``vmap`` and ``grad``.
-A fork adds a data set to :data:`DATASETS` or builds a :class:`Problem` directly with
-:func:`make_problem` from its own ``flax.linen`` module.
-
-Data sets (all generated or shipped with a package; nothing is downloaded):
-
-* ``sinc``  -- y = sin(5πx)/(5πx) on x ∈ [1e-4, 1] (MLDS 2018 homework 1-1 / 1-2),
-* ``sign``  -- y = sgn(sin(5πx)) on the same grid,
-* ``gaussian`` -- x ~ N(0, I_d), y ~ N(0, I_k) independent (Pennington & Bahri 2017),
-* ``digits`` -- scikit-learn's 8×8 handwritten digits (1797 images, 10 classes), pixels / 16.
+Build one with :func:`make_problem` from any ``flax.linen`` module, :func:`model_problem` from
+the model registry, or :func:`mlp_problem` for the homework's MLPs.
 """
 
 from __future__ import annotations
@@ -31,28 +47,16 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from crit.data import (DATASETS, Dataset, check_dataset, digits_dataset,  # noqa: F401
+                       gaussian_dataset, load_data_file, sign_dataset, sinc_dataset)
+from crit.models import get_model, takes_train_flag
+from crit.models.mlp import ACTIVATIONS, MLP, mlp_param_count  # noqa: F401
+
 Params = Any
+State = Any
 Array = jax.Array
 
-
-class Dataset(NamedTuple):
-    """A full-batch data set: train and test arrays plus what kind of task it is.
-
-    ``y`` holds float targets of shape (n, k) for regression, or integer labels of shape (n,)
-    for classification.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    task: str  # "regression" | "classification"
-    n_outputs: int  # output width the model needs
-
-    @property
-    def n_train(self) -> int:
-        return int(self.x_train.shape[0])
+BATCHNORM_MODES = ("eval", "batch")
 
 
 class Problem(NamedTuple):
@@ -60,12 +64,16 @@ class Problem(NamedTuple):
 
     name: str
     init_fn: Callable[[Array], Params]
-    apply_fn: Callable[[Params, Array], Array]
-    loss_fn: Callable[[Params], Array]
-    batch_loss_fn: Callable[[Params, Array, Array], Array]
+    apply_fn: Callable[..., Array]
+    loss_fn: Callable[..., Array]
+    batch_loss_fn: Callable[..., Array]
     dataset: Dataset
     n_params: int
     loss_name: str
+    init_state_fn: Callable[[Array], State] = lambda key: {}
+    train_loss_fn: Callable[..., tuple[Array, State]] | None = None
+    batchnorm: str = "none"         # "none" (stateless), "eval" or "batch"
+    eval_batch_size: int = 0        # rows per batch of the full-data loss (0: all at once)
 
     @property
     def phi(self) -> float:
@@ -73,144 +81,13 @@ class Problem(NamedTuple):
         k = self.dataset.n_outputs if self.dataset.task == "regression" else 1
         return self.n_params / (self.dataset.n_train * k)
 
+    @property
+    def has_state(self) -> bool:
+        return self.batchnorm != "none"
 
-# --------------------------------------------------------------------------- data sets
-
-X_MIN, X_MAX = 1e-4, 1.0
-
-
-def _grid_and_test(n_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train inputs on an even grid of [1e-4, 1]; test inputs drawn uniformly at random."""
-    x_train = np.linspace(X_MIN, X_MAX, n_points)[:, None]
-    rng = np.random.default_rng(seed + 7919)
-    x_test = np.sort(rng.uniform(X_MIN, X_MAX, size=(max(n_points // 4, 1), 1)), axis=0)
-    return x_train, x_test
-
-
-def sinc_dataset(n_points: int = 256, seed: int = 0) -> Dataset:
-    """y = sin(5πx) / (5πx) = ``np.sinc(5x)`` on an even grid of ``n_points`` in [1e-4, 1]."""
-    x_train, x_test = _grid_and_test(n_points, seed)
-    return Dataset("sinc", x_train, np.sinc(5 * x_train), x_test, np.sinc(5 * x_test),
-                   "regression", 1)
-
-
-def sign_dataset(n_points: int = 256, seed: int = 0) -> Dataset:
-    """y = sgn(sin(5πx)) on an even grid of ``n_points`` in [1e-4, 1]."""
-    x_train, x_test = _grid_and_test(n_points, seed)
-    f = lambda x: np.sign(np.sin(5 * np.pi * x))
-    return Dataset("sign", x_train, f(x_train), x_test, f(x_test), "regression", 1)
-
-
-def gaussian_dataset(n_points: int = 256, seed: int = 0, dim_in: int = 8,
-                     dim_out: int = 1) -> Dataset:
-    """Independent standard Gaussian inputs and targets (Pennington & Bahri 2017, §5).
-
-    Targets carry no signal: the loss surface is that of fitting noise, which is the setting
-    of their random-matrix prediction for the index.
-    """
-    rng = np.random.default_rng(seed)
-    n_test = max(n_points // 4, 1)
-    x = rng.standard_normal((n_points + n_test, dim_in))
-    y = rng.standard_normal((n_points + n_test, dim_out))
-    return Dataset("gaussian", x[:n_points], y[:n_points], x[n_points:], y[n_points:],
-                   "regression", dim_out)
-
-
-def digits_dataset(n_points: int = 1437, seed: int = 0, downsample: int = 1) -> Dataset:
-    """scikit-learn's 8×8 digits, pixels scaled to [0, 1], shuffled with ``seed``.
-
-    ``n_points`` training images (at most 1797 − 1); the rest are the test set.
-    ``downsample=2`` averages 2×2 pixel blocks (4×4 images, 16 inputs).
-    """
-    from sklearn.datasets import load_digits  # shipped with scikit-learn; no download
-
-    bunch = load_digits()
-    images = bunch.images.astype(np.float64) / 16.0
-    if downsample > 1:
-        s = downsample
-        images = images.reshape(-1, 8 // s, s, 8 // s, s).mean(axis=(2, 4))
-    x = images.reshape(len(images), -1)
-    y = bunch.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    n = min(n_points, len(x) - 1)
-    return Dataset("digits", x[:n], y[:n], x[n:], y[n:], "classification", 10)
-
-
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "sinc": sinc_dataset,
-    "sign": sign_dataset,
-    "gaussian": gaussian_dataset,
-    "digits": digits_dataset,
-}
-
-
-def check_dataset(data: Dataset) -> None:
-    """Raise ``ValueError`` naming the array if a data set holds NaN/inf or mismatched shapes."""
-    for field in ("x_train", "y_train", "x_test", "y_test"):
-        arr = np.asarray(getattr(data, field))
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise ValueError(f"data set {data.name!r}: {field} contains NaN or inf values")
-    if data.x_train.shape[0] != data.y_train.shape[0]:
-        raise ValueError(f"data set {data.name!r}: x_train has {data.x_train.shape[0]} rows but "
-                         f"y_train has {data.y_train.shape[0]}")
-    if data.x_train.shape[0] == 0:
-        raise ValueError(f"data set {data.name!r} has no training points")
-
-
-# --------------------------------------------------------------------------- models
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "softplus": jax.nn.softplus,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-class MLP(nn.Module):
-    """Fully connected network: Dense → activation, repeated, then a linear output layer.
-
-    ``widths`` are the hidden widths; ``n_outputs`` the output width. Parameters are float64.
-    """
-
-    widths: Sequence[int]
-    n_outputs: int
-    activation: str = "tanh"
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        act = ACTIVATIONS[self.activation]
-        # one input feature (sinc, sign): x·W is an outer product; a broadcast multiply computes
-        # the same numbers and spares XLA a K = 1 matmul (about 20% of a training step on CPU)
-        dot = _outer_product_dot if x.shape[-1] == 1 else jax.lax.dot_general
-        for w in self.widths:
-            x = act(nn.Dense(w, use_bias=self.use_bias, param_dtype=jnp.float64,
-                             dot_general=dot)(x))
-            dot = jax.lax.dot_general
-        return nn.Dense(self.n_outputs, use_bias=self.use_bias, param_dtype=jnp.float64,
-                        dot_general=dot)(x)
-
-
-def _outer_product_dot(lhs, rhs, dimension_numbers, precision=None,
-                       preferred_element_type=None):
-    """``lax.dot_general`` for a Dense layer with one input feature: (..., 1) · (1, m) → (..., m)."""
-    (lhs_contract, rhs_contract), batch = dimension_numbers
-    if (lhs.shape[-1] != 1 or tuple(lhs_contract) != (lhs.ndim - 1,)
-            or tuple(rhs_contract) != (0,) or any(batch)):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
-                                   preferred_element_type=preferred_element_type)
-    out = lhs * rhs[0]
-    return out if preferred_element_type is None else out.astype(preferred_element_type)
-
-
-def mlp_param_count(n_inputs: int, widths: Sequence[int], n_outputs: int,
-                    use_bias: bool = True) -> int:
-    """P = Σ_l (d_l · d_{l+1} + d_{l+1}·[bias]) over the layers of an MLP."""
-    dims = [n_inputs, *widths, n_outputs]
-    return sum(a * b + (b if use_bias else 0) for a, b in zip(dims[:-1], dims[1:]))
+    def bind_state(self, state: State) -> Callable[[Params], Array]:
+        """θ ↦ L(θ; state): the full-data loss with the state fixed (e.g. after training)."""
+        return lambda params: self.loss_fn(params, state)
 
 
 # --------------------------------------------------------------------------- losses
@@ -233,12 +110,28 @@ def l2_penalty(params: Params) -> Array:
     return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(params))
 
 
-def make_problem(module: nn.Module, data: Dataset, loss: str = "mse", l2: float = 0.0,
-                 name: str | None = None) -> Problem:
-    """Bundle a Flax module, a data set and a loss into a :class:`Problem`.
+def count_params(params: Params) -> int:
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
-    The loss is L(θ) = (1/n) Σ_i ℓ(f_θ(x_i), y_i) + (l2/2)·‖θ‖², over the full training set.
-    The data are cast to the dtype of the parameters, so float32 training works unchanged.
+
+def batch_slices(n: int, batch_size: int) -> tuple[int, int]:
+    """(full batches, rows left over) of n rows in batches of ``batch_size`` (0: one batch)."""
+    if not batch_size or batch_size >= n:
+        return 1, 0
+    return n // batch_size, n % batch_size
+
+
+def make_problem(module: nn.Module, data: Dataset, loss: str = "mse", l2: float = 0.0,
+                 name: str | None = None, batchnorm: str = "eval",
+                 eval_batch_size: int = 0) -> Problem:
+    """Bundle a Flax module, a data set and a loss into a :class:`Problem` (module docstring).
+
+    The loss is L(θ) = (1/n) Σ_i ℓ(f_θ(x_i), y_i) + (l2/2)·‖θ‖² over the full training set;
+    the L2 term covers trainable parameters only. Floating data are cast to the parameters'
+    dtype, so float32 training works unchanged; integer tokens are passed as they are.
+    ``batchnorm`` ("eval" or "batch") matters only for a model with state; ``--batchnorm=batch``
+    is refused for a model that draws dropout randomness in training mode, since its loss
+    would not be deterministic.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; allowed: {sorted(LOSSES)}")
@@ -250,37 +143,145 @@ def make_problem(module: nn.Module, data: Dataset, loss: str = "mse", l2: float 
                          "(use loss 'xent')")
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+    if eval_batch_size < 0:
+        raise ValueError(f"eval_batch_size must be >= 0, got {eval_batch_size}")
     check_dataset(data)
     point_loss = LOSSES[loss]
     x_train = jnp.asarray(data.x_train)
     y_train = jnp.asarray(data.y_train)
+    n_train = int(x_train.shape[0])
+    train_flag = takes_train_flag(module)
+    mode_kw = (lambda train: {"train": train}) if train_flag else (lambda train: {})
+
+    def cast(x, params):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(jax.tree.leaves(params)[0].dtype)
+
+    def init_variables(key):
+        # the params stream is ``key`` itself, as in module.init(key, ...): same draws as before
+        rngs = {"params": key, "dropout": jax.random.fold_in(key, 1)}
+        return module.init(rngs, x_train[:1], **mode_kw(False))
 
     def init_fn(key):
-        return module.init(key, x_train[:1])
+        return {"params": init_variables(key)["params"]}
 
-    def apply_fn(params, x):
+    def init_state_fn(key):
+        # Flax keeps BatchNorm statistics in float32 whatever param_dtype says; crit's state
+        # follows the parameters' dtype (float64), so a float64 loss is float64 throughout
+        variables = init_variables(key)
+        dtype = jax.tree.leaves(variables["params"])[0].dtype
+        return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating)
+                            else v, {k: v for k, v in variables.items() if k != "params"})
+
+    state_shapes = jax.eval_shape(init_state_fn, jax.random.key(0))
+    stateful = bool(jax.tree.leaves(state_shapes))
+    mode = batchnorm if stateful else "none"
+    default_state = init_state_fn(jax.random.PRNGKey(0)) if stateful else {}
+
+    def forward(params, state, x):
+        variables = {**params, **(default_state if state is None else state)}
+        x = cast(x, params)
+        if mode == "batch":  # the batch's own statistics; running averages left untouched
+            out, _ = module.apply(variables, x, mutable=["batch_stats"], **mode_kw(True))
+            return out
+        return module.apply(variables, x, **mode_kw(False))
+
+    def regularized(value, params):
+        return value + 0.5 * l2 * l2_penalty(params) if l2 else value
+
+    def apply_fn(params, x, state=None):
+        return forward(params, state, x)
+
+    def batch_loss_fn(params, x, y, state=None):
+        return regularized(point_loss(forward(params, state, x), y), params)
+
+    full_batches, rest = batch_slices(n_train, eval_batch_size)
+
+    def loss_fn(params, state=None):
+        if full_batches == 1 and rest == 0:
+            return batch_loss_fn(params, x_train, y_train, state)
+        b = eval_batch_size
+        xs = x_train[:full_batches * b].reshape(full_batches, b, *x_train.shape[1:])
+        ys = y_train[:full_batches * b].reshape(full_batches, b, *y_train.shape[1:])
+        # checkpoint: reverse mode keeps each batch's inputs, not its activations
+        one = jax.checkpoint(lambda p, xb, yb: point_loss(forward(p, state, xb), yb))
+
+        def accumulate(total, batch):
+            return total + one(params, *batch) * (b / n_train), None
+
         dtype = jax.tree.leaves(params)[0].dtype
-        return module.apply(params, x.astype(dtype))
+        total, _ = jax.lax.scan(accumulate, jnp.zeros((), dtype), (xs, ys))
+        if rest:
+            tail = slice(full_batches * b, n_train)
+            total = total + one(params, x_train[tail], y_train[tail]) * (rest / n_train)
+        return regularized(total, params)
 
-    def batch_loss_fn(params, x, y):
-        value = point_loss(apply_fn(params, x), y)
-        if l2:
-            value = value + 0.5 * l2 * l2_penalty(params)
-        return value
+    def train_loss_fn(params, state, x, y, key):
+        variables = {**params, **state}
+        x = cast(x, params)
+        if stateful:
+            out, updates = module.apply(variables, x, mutable=["batch_stats"],
+                                        rngs={"dropout": key}, **mode_kw(True))
+            state = {**state, **updates}
+        else:
+            out = module.apply(variables, x, rngs={"dropout": key}, **mode_kw(True))
+        return regularized(point_loss(out, y), params), state
 
-    def loss_fn(params):
-        return batch_loss_fn(params, x_train, y_train)
-
-    shapes = jax.eval_shape(init_fn, jax.random.key(0))
-    n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+    if mode == "batch":
+        try:
+            jax.eval_shape(lambda p: forward(p, None, x_train[:2]),
+                           jax.eval_shape(init_fn, jax.random.key(0)))
+        except Exception as exc:
+            if "dropout" in str(exc).lower() or "rng" in str(exc).lower():
+                raise ValueError("batchnorm 'batch' needs a model without dropout in training "
+                                 "mode: its loss would not be deterministic; use 'eval'"
+                                 ) from None
+            raise
+    n_params = count_params(jax.eval_shape(init_fn, jax.random.key(0)))
     return Problem(name or data.name, init_fn, apply_fn, loss_fn, batch_loss_fn, data,
-                   n_params, loss)
+                   n_params, loss, init_state_fn, train_loss_fn, mode, int(eval_batch_size))
+
+
+def model_problem(model: str = "mlp", dataset: str | Dataset = "sinc", loss: str | None = None,
+                  l2: float = 0.0, batchnorm: str = "eval", eval_batch_size: int = 0,
+                  n_points: int = 256, data_seed: int = 0, data_kwargs: dict | None = None,
+                  **hparams) -> Problem:
+    """A registry model (crit.models, or ``module:factory``) on a registry data set or a
+    :class:`Dataset` (e.g. from :func:`crit.data.load_data_file`); shapes from the data.
+
+    ``loss=None`` picks MSE for regression and softmax cross-entropy for classification. A
+    transformer on integer tokens gets ``vocab_size`` = max token + 1 unless given.
+    """
+    if isinstance(dataset, str):
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; allowed: {sorted(DATASETS)}")
+        data = DATASETS[dataset](n_points=n_points, seed=data_seed, **(data_kwargs or {}))
+    else:
+        data = dataset
+    if loss is None:
+        loss = "xent" if data.task == "classification" else "mse"
+    if (model == "transformer" and np.issubdtype(data.x_train.dtype, np.integer)
+            and not hparams.get("vocab_size")):
+        tokens = np.concatenate([data.x_train.ravel(), data.x_test.ravel()])
+        hparams["vocab_size"] = int(tokens.max()) + 1
+    module = get_model(model, data.n_outputs, **hparams)
+    name = f"{data.name}/{model}"
+    if model == "mlp":
+        widths = tuple(module.widths)
+        arch = "-".join(str(d) for d in [int(np.prod(data.x_train.shape[1:])), *widths,
+                                         data.n_outputs])
+        name = f"{data.name}/mlp{arch}/{module.activation}"
+    return make_problem(module, data, loss, l2, name=name, batchnorm=batchnorm,
+                        eval_batch_size=eval_batch_size)
 
 
 def mlp_problem(dataset: str = "sinc", widths: Sequence[int] = (16, 16),
                 activation: str = "tanh", use_bias: bool = True, loss: str | None = None,
                 l2: float = 0.0, n_points: int = 256, data_seed: int = 0,
-                **data_kwargs) -> Problem:
+                eval_batch_size: int = 0, **data_kwargs) -> Problem:
     """The standard crit problem: an :class:`MLP` on one of :data:`DATASETS`.
 
     ``loss=None`` picks MSE for regression and softmax cross-entropy for classification.
@@ -292,12 +293,10 @@ def mlp_problem(dataset: str = "sinc", widths: Sequence[int] = (16, 16),
         raise ValueError(f"unknown activation {activation!r}; allowed: {sorted(ACTIVATIONS)}")
     if any(int(w) <= 0 for w in widths):
         raise ValueError(f"widths must be positive integers, got {list(widths)}")
-    data = DATASETS[dataset](n_points=n_points, seed=data_seed, **data_kwargs)
-    if loss is None:
-        loss = "xent" if data.task == "classification" else "mse"
-    module = MLP(tuple(int(w) for w in widths), data.n_outputs, activation, use_bias)
-    arch = "-".join(str(d) for d in [data.x_train.shape[1], *widths, data.n_outputs])
-    return make_problem(module, data, loss, l2, name=f"{dataset}/mlp{arch}/{activation}")
+    return model_problem("mlp", dataset, loss, l2, eval_batch_size=eval_batch_size,
+                         n_points=n_points, data_seed=data_seed, data_kwargs=data_kwargs,
+                         widths=tuple(int(w) for w in widths), activation=activation,
+                         use_bias=use_bias)
 
 
 def flatten(params: Params) -> tuple[Array, Callable[[Array], Params]]:

@@ -25,7 +25,7 @@ from crit.critical import certify, find_critical_point
 from crit.hessian import dense_hessian
 from crit.problems import Problem
 from crit.spectrum import classify_spectrum
-from crit.train import cast_params, make_optimizer, train
+from crit.train import cast_params, make_optimizer, train, train_model
 
 
 class ProtocolConfig(NamedTuple):
@@ -51,6 +51,7 @@ class ProtocolConfig(NamedTuple):
     hvp_batch_size: int = 0         # 0: the whole data set in one HVP
     vmap_width: int = 10            # inits vmapped together inside a chunk (see make_chunk_fn)
     spectrum_dtype: str = "float64"  # finder + Hessian + eigvalsh (dense); "float32" for TPUs
+    batch_size: int = 0             # training rows per step (0: full batch)
 
 
 class InitRecord(NamedTuple):
@@ -133,13 +134,36 @@ def finder_kwargs(cfg: ProtocolConfig) -> dict:
 
 
 def train_init(problem: Problem, cfg: ProtocolConfig, init_id):
-    """Steps 1-2 of the protocol: the trained float64 parameters and the training log."""
-    params = problem.init_fn(init_key(cfg.seed, init_id))
+    """Steps 1-2 of the protocol: the trained float64 parameters and the training log.
+
+    For a problem with state (BatchNorm) use :func:`train_init_with_state`, which also returns
+    the state the loss is then evaluated with.
+    """
+    params, _, log = train_init_with_state(problem, cfg, init_id)
+    return params, log
+
+
+def train_init_with_state(problem: Problem, cfg: ProtocolConfig, init_id):
+    """Steps 1-2: ``(params, state, log)``, parameters and state in float64.
+
+    A stateless problem trained full batch takes :func:`crit.train.train` (one fused scan);
+    a problem with state or ``cfg.batch_size`` takes :func:`crit.train.train_model`, whose
+    mini-batches and dropout draw from fold_in(key_i, 2). The state (BatchNorm running
+    statistics) is trained alongside, then fixed: every later step uses L(θ; state).
+    """
+    key = init_key(cfg.seed, init_id)
+    params = problem.init_fn(key)
     train_dtype = jnp.float32 if cfg.train_dtype == "float32" else jnp.float64
     optimizer = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.momentum)
-    params, log = train(problem.loss_fn, optimizer, cast_params(params, train_dtype),
-                        cfg.train_steps, cfg.log_every)
-    return cast_params(params, jnp.float64), log
+    if not problem.has_state and not cfg.batch_size:
+        params, log = train(problem.loss_fn, optimizer, cast_params(params, train_dtype),
+                            cfg.train_steps, cfg.log_every)
+        return cast_params(params, jnp.float64), {}, log
+    state = cast_params(problem.init_state_fn(key), train_dtype)
+    params, state, log = train_model(problem, optimizer, cast_params(params, train_dtype), state,
+                                     jax.random.fold_in(key, 2), cfg.train_steps, cfg.log_every,
+                                     cfg.batch_size)
+    return cast_params(params, jnp.float64), cast_params(state, jnp.float64), log
 
 
 def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
@@ -152,11 +176,12 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
         return analyze_init_krylov(problem, cfg, init_id)
     if cfg.hessian != "dense":
         raise ValueError(f"unknown hessian mode {cfg.hessian!r}; allowed: dense, lanczos")
-    params, log = train_init(problem, cfg, init_id)
+    params, state, log = train_init_with_state(problem, cfg, init_id)
     spectrum_dtype = jnp.float32 if cfg.spectrum_dtype == "float32" else jnp.float64
-    found = find_critical_point(problem.loss_fn, cast_params(params, spectrum_dtype), cfg.finder,
+    loss_fn = problem.bind_state(cast_params(state, spectrum_dtype))
+    found = find_critical_point(loss_fn, cast_params(params, spectrum_dtype), cfg.finder,
                                 cfg.grad_tol, **finder_kwargs(cfg))
-    eigenvalues = jnp.linalg.eigvalsh(dense_hessian(problem.loss_fn, found.params))
+    eigenvalues = jnp.linalg.eigvalsh(dense_hessian(loss_fn, found.params))
     # τ from the spectrum's own precision (P·ε₃₂·max|λ| for float32), then stored as float64
     summary = classify_spectrum(eigenvalues, cfg.eig_tol)
     summary = summary._replace(tolerance=summary.tolerance.astype(jnp.float64),
@@ -165,7 +190,7 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
     eigenvalues = eigenvalues.astype(jnp.float64)
     # the certificate is always a float64 gradient norm (one gradient: cheap even where float64
     # is emulated), so a float32 run never certifies a point float32 rounding only made look flat
-    cert = certify(problem.loss_fn, cast_params(found.params, jnp.float64),
+    cert = certify(problem.bind_state(state), cast_params(found.params, jnp.float64),
                    jnp.max(jnp.abs(eigenvalues)), cfg.grad_tol, cfg.flat_tol)
     return InitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
@@ -184,24 +209,28 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
         finder_history=found.history.astype(jnp.float64))
 
 
-def _hvp_batch(problem: Problem, cfg: ProtocolConfig):
+def _bound_batch_loss(problem: Problem, state):
+    return lambda params, x, y: problem.batch_loss_fn(params, x, y, state)
+
+
+def _hvp_batch(problem: Problem, cfg: ProtocolConfig, state=None):
     if not cfg.hvp_batch_size:
         return None
     from crit.newton_mr import BatchedLoss
 
-    return BatchedLoss(problem.batch_loss_fn, jnp.asarray(problem.dataset.x_train),
+    return BatchedLoss(_bound_batch_loss(problem, state), jnp.asarray(problem.dataset.x_train),
                        jnp.asarray(problem.dataset.y_train), cfg.hvp_batch_size)
 
 
-def hessian_operator(problem: Problem, cfg: ProtocolConfig, params):
+def hessian_operator(problem: Problem, cfg: ProtocolConfig, params, state=None):
     """(grad_flat, matvec) of the full-data Hessian at ``params``, batched if asked."""
     from crit.hessian import full_batch_hvp_operator, hvp_operator
 
     if cfg.hvp_batch_size:
-        return full_batch_hvp_operator(problem.batch_loss_fn, params,
+        return full_batch_hvp_operator(_bound_batch_loss(problem, state), params,
                                        jnp.asarray(problem.dataset.x_train),
                                        jnp.asarray(problem.dataset.y_train), cfg.hvp_batch_size)
-    return hvp_operator(problem.loss_fn, params)
+    return hvp_operator(problem.bind_state(state), params)
 
 
 def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> KrylovInitRecord:
@@ -209,20 +238,21 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
     from crit.krylov import krylov_spectrum
     from crit.newton_mr import newton_mr_critical_point
 
-    params, log = train_init(problem, cfg, init_id)
+    params, state, log = train_init_with_state(problem, cfg, init_id)
+    loss_fn = problem.bind_state(state)
     if cfg.finder == "newton":
-        found = newton_mr_critical_point(problem.loss_fn, params, max_iters=cfg.finder_steps,
+        found = newton_mr_critical_point(loss_fn, params, max_iters=cfg.finder_steps,
                                          minres_iters=cfg.minres_iters, grad_tol=cfg.grad_tol,
-                                         hvp_batch=_hvp_batch(problem, cfg))
+                                         hvp_batch=_hvp_batch(problem, cfg, state))
     else:
-        found = find_critical_point(problem.loss_fn, params, cfg.finder, cfg.grad_tol,
+        found = find_critical_point(loss_fn, params, cfg.finder, cfg.grad_tol,
                                     **finder_kwargs(cfg))
-    _, matvec = hessian_operator(problem, cfg, found.params)
+    _, matvec = hessian_operator(problem, cfg, found.params, state)
     spec = krylov_spectrum(matvec, jax.random.fold_in(init_key(cfg.seed, init_id), 1),
                            problem.n_params, num_steps=cfg.lanczos_steps,
                            num_probes=cfg.slq_probes, tol=cfg.eig_tol)
     norm = jnp.maximum(jnp.abs(spec.lambda_min), jnp.abs(spec.lambda_max))
-    cert = certify(problem.loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
+    cert = certify(loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
     return KrylovInitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
@@ -283,29 +313,53 @@ def run_chunk(chunk_fn, init_ids: np.ndarray, chunk_size: int) -> dict[str, np.n
     return {k: np.asarray(v)[:n] for k, v in record._asdict().items()}
 
 
+def forward_floats_per_example(problem: Problem) -> int:
+    """Numbers the model's forward pass produces for one example: the sum of the sizes of every
+    intermediate in its jaxpr (nested ones included). An upper bound on the activations one
+    example keeps alive, for any architecture (dense, conv, attention, BatchNorm)."""
+    params = jax.eval_shape(problem.init_fn, jax.random.key(0))
+    example = jax.ShapeDtypeStruct((1, *problem.dataset.x_train.shape[1:]),
+                                   problem.dataset.x_train.dtype)
+    closed = jax.make_jaxpr(lambda p, x: problem.apply_fn(p, x))(params, example)
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars
+                         if hasattr(v.aval, "shape"))
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    total += count(inner)
+        return total
+
+    return max(count(closed.jaxpr), 16)
+
+
 def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None) -> int:
     """Rough peak memory of one init in :func:`analyze_init`, dominated by the dense Hessian.
 
     ``dense_hessian`` pushes t = min(P, default_hessian_block()) tangents through the forward
-    and backward pass at once: about t × n × (Σ widths + outputs) × 8 bytes × 4 live
-    activations, plus the P×P Hessian and its eigendecomposition workspace. (Measured with XLA's
-    memory analysis on the homework net, P = 321, n = 256, with blocks of 64 columns: 10.7 MB per
-    init; this estimate says 22 MB.)
+    and backward pass at once: about t × rows × a × 8 bytes, with a the forward pass's
+    intermediates per example (:func:`forward_floats_per_example`) and rows the examples of one
+    evaluation batch (``problem.eval_batch_size``, else all n), plus the P×P Hessian and its
+    eigendecomposition workspace. (Measured with XLA's memory analysis on the homework net,
+    P = 321, n = 256, with blocks of 64 columns: 10.7 MB per init; this estimate says 26 MB.)
     """
     p = problem.n_params
     n = problem.dataset.n_train
-    leaves = jax.eval_shape(problem.init_fn, jax.random.key(0))
-    width_sum = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(leaves) if l.ndim == 1)
-    width_sum = max(width_sum, p // max(n, 1), 16)
+    rows = min(n, problem.eval_batch_size) if problem.eval_batch_size else n
+    act = forward_floats_per_example(problem)
     if cfg is not None and cfg.hessian == "lanczos":
-        # Lanczos bases of all runs plus a few activations per HVP
-        rows = n if not cfg.hvp_batch_size else min(n, cfg.hvp_batch_size)
-        return int(8 * ((cfg.slq_probes + 1) * cfg.lanczos_steps * p + 8 * rows * width_sum
+        # Lanczos bases of all runs plus the activations of a few HVPs
+        if cfg.hvp_batch_size:
+            rows = min(rows, cfg.hvp_batch_size)
+        return int(8 * ((cfg.slq_probes + 1) * cfg.lanczos_steps * p + 3 * rows * act
                         + 12 * p))
     from crit.hessian import default_hessian_block
 
     tangents = min(p, default_hessian_block())  # dense_hessian pushes this many columns at once
-    return int(8 * (4 * tangents * n * width_sum + 6 * p * p))
+    return int(8 * (tangents * rows * act + 6 * p * p))
 
 
 def estimate_bytes_per_record(problem: Problem, cfg: ProtocolConfig) -> int:

@@ -154,3 +154,61 @@ def minibatch_train(batch_loss_fn: Callable, optimizer: optax.GradientTransforma
     carry, _ = jax.lax.scan(step, carry, batches[n_blocks * record_every:])
     snaps = jax.tree.map(lambda s, last: jnp.concatenate([s, last[None]]), snaps, carry[0])
     return carry[0], snaps
+
+
+def train_model(problem, optimizer: optax.GradientTransformation, params: Params, state,
+                key: jax.Array, num_steps: int, log_every: int = 10, batch_size: int = 0):
+    """Train a problem that has state (BatchNorm) or uses mini-batches; one init, vmap-able.
+
+    Each step takes ``problem.train_loss_fn`` on a batch of ``batch_size`` rows (0: all rows),
+    drawn without replacement from a fresh permutation every epoch, in training mode: BatchNorm
+    normalizes with the batch's statistics and updates its running averages in ``state``,
+    dropout draws from ``key``. The optimizer sees the trainable parameters only. The log
+    records the *full-data* loss and gradient norm of ``problem.loss_fn`` (evaluation mode,
+    the current state) at steps 0, log_every, ... and the end, like :func:`train`.
+
+    Returns ``(params, state, TrainLog)``. For a stateless problem trained full batch,
+    :func:`train` computes the same in one pass and is what the protocol uses.
+    """
+    n = problem.dataset.n_train
+    x = jnp.asarray(problem.dataset.x_train)
+    y = jnp.asarray(problem.dataset.y_train)
+    batch = n if not batch_size or batch_size >= n else batch_size
+    per_epoch = n // batch
+    grad_fn = jax.grad(problem.train_loss_fn, has_aux=True)
+    full = jax.value_and_grad(problem.loss_fn)
+
+    def rows(step):
+        epoch, within = jnp.divmod(step, per_epoch)
+        perm = (jnp.arange(n) if batch == n
+                else jax.random.permutation(jax.random.fold_in(key, epoch), n))
+        return jax.lax.dynamic_slice_in_dim(perm, within * batch, batch)
+
+    def step(carry, i):
+        p, s, opt = carry
+        idx = rows(i)
+        g, new = grad_fn(p, s, x[idx], y[idx], jax.random.fold_in(jax.random.fold_in(key, 1), i))
+        s = jax.tree.map(lambda a, b: a.astype(b.dtype), new, s)  # statistics keep their dtype
+        updates, opt = optimizer.update(g, opt, p)
+        return (optax.apply_updates(p, updates), s, opt), None
+
+    def record(carry):
+        loss, g = full(carry[0], carry[1])
+        return loss, tree_norm(g)
+
+    def block(carry, start):
+        logged = record(carry)
+        carry, _ = jax.lax.scan(step, carry, start + jnp.arange(log_every))
+        return carry, logged
+
+    carry = (params, state, optimizer.init(params))
+    n_blocks, tail = divmod(num_steps, log_every)
+    carry, (losses, norms) = jax.lax.scan(block, carry, jnp.arange(n_blocks) * log_every)
+    if tail:
+        loss, norm = record(carry)
+        losses, norms = jnp.concatenate([losses, loss[None]]), jnp.concatenate([norms, norm[None]])
+        carry, _ = jax.lax.scan(step, carry, n_blocks * log_every + jnp.arange(tail))
+    loss, norm = record(carry)
+    losses = jnp.concatenate([losses, loss[None]])
+    norms = jnp.concatenate([norms, norm[None]])
+    return carry[0], carry[1], TrainLog(log_steps(num_steps, log_every), losses, norms)

@@ -1,0 +1,260 @@
+"""Models of the registry and bring-your-own modules: HVP == dense Hessian · v, the dense
+Hessian == finite differences, P counts trainable parameters only, BatchNorm semantics, full-data
+losses over uneven batches, module:factory."""
+
+import math
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import crit  # noqa: F401
+from crit.data import DATASETS, Dataset
+from crit.hessian import dense_hessian, hvp
+from crit.models import ModelError, get_model, model_names
+from crit.models.resnet import resnet_param_count
+from crit.problems import model_problem
+
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """These checks are about derivatives, not speed: most XLA optimizations off cuts the
+    compile time of the conv and attention models by about half."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def tiny(data, n=16):
+    if data == "sequences":  # 8 sequences of length 6 with one channel, 10 classes
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, 6, 1))
+        y = rng.integers(0, 10, n).astype(np.int32)
+        return Dataset("sequences", x, y, x[:0], y[:0], "classification", 10)
+    d = DATASETS[data](seed=0)
+    return d._replace(x_train=d.x_train[:n], y_train=d.y_train[:n])
+
+
+def transformer_param_count(d_in, dim, depth, heads, mlp, n_out, length):
+    """Counted by hand from the architecture (Dense = kernel + bias)."""
+    dense = lambda a, b: a * b + b  # noqa: E731
+    block = (2 * dim                       # LayerNorm
+             + 3 * (dim * dim + dim)       # query, key, value kernels (dim, heads, dim/heads)
+             + dim * dim + dim             # output projection (heads, dim/heads, dim)
+             + 2 * dim                     # LayerNorm
+             + dense(dim, mlp) + dense(mlp, dim))
+    return dense(d_in, dim) + length * dim + depth * block + 2 * dim + dense(dim, n_out)
+
+
+CASES = {
+    "mlp": dict(data="gaussian", hp=dict(widths=(4, 3), activation="tanh"),
+                count=lambda d: 8 * 4 + 4 + 4 * 3 + 3 + 3 * 1 + 1),
+    "cnn": dict(data="digits_images", hp=dict(channels=(2, 3), hidden=(6,), kernel=3,
+                                              activation="tanh"),
+                count=lambda d: (9 * 1 * 2 + 2) + (9 * 2 * 3 + 3) + (2 * 2 * 3 * 6 + 6) + (6 * 10 + 10)),
+    "cnn1d": dict(model="cnn", data="mnist1d", hp=dict(channels=(2,), hidden=(), kernel=5,
+                                                      activation="tanh"),
+                  count=lambda d: (5 * 1 * 2 + 2) + (20 * 2 * 10 + 10)),
+    "resnet": dict(data="digits_images", hp=dict(depth=8, width=2),
+                   count=lambda d: resnet_param_count(8, 2, 1, 10)),
+    "transformer": dict(data="digits_images", hp=dict(dim=8, depth=1, heads=2, mlp_dim=12,
+                                                      patch=4),
+                        count=lambda d: transformer_param_count(16, 8, 1, 2, 12, 10, 4)),
+    "transformer_seq": dict(model="transformer", data="sequences",
+                            hp=dict(dim=4, depth=1, heads=2, mlp_dim=6),
+                            count=lambda d: transformer_param_count(1, 4, 1, 2, 6, 10, 6)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    spec = CASES[request.param]
+    problem = model_problem(spec.get("model", request.param), tiny(spec["data"], 6),
+                            **spec["hp"])
+    return request.param, spec, problem
+
+
+def flat(problem, params):
+    theta, unravel = ravel_pytree(params)
+    return theta, unravel, lambda t: problem.loss_fn(unravel(t))
+
+
+def test_registry_lists_every_model_and_refuses_unknown_names():
+    assert model_names() == ["cnn", "mlp", "resnet", "transformer"]
+    with pytest.raises(ModelError, match="known: cnn, mlp, resnet, transformer"):
+        get_model("lenet", 10)
+    with pytest.raises(ModelError, match="does not take \\['depht'\\]"):
+        get_model("resnet", 10, depht=20)
+
+
+def test_parameter_count_is_trainable_parameters_only(case):
+    name, spec, problem = case
+    params = problem.init_fn(KEY)
+    assert set(params) == {"params"}
+    assert problem.n_params == spec["count"](problem.dataset) == ravel_pytree(params)[0].size
+    state = problem.init_state_fn(KEY)
+    if name == "resnet":  # BatchNorm statistics exist and are not counted
+        stats = sum(x.size for x in jax.tree.leaves(state))
+        assert set(state) == {"batch_stats"} and stats == 2 * (2 + 2 * 2 + 3 * 4 + 3 * 8)  # stem, 3 stages
+        assert problem.batchnorm == "eval"
+    else:
+        assert state == {} and problem.batchnorm == "none"
+
+
+def test_hvp_equals_dense_hessian_times_v_and_hessian_matches_finite_differences(case):
+    """crit's HVP (forward over reverse) against reverse over reverse; crit's dense Hessian
+    times v against the HVP; Hessian columns against central differences of the gradient."""
+    name, _, problem = case
+    params = problem.init_fn(KEY)
+    theta, unravel, f = flat(problem, params)
+    v = jax.random.normal(jax.random.PRNGKey(1), theta.shape)
+    hv = np.asarray(jax.jit(lambda t, u: ravel_pytree(
+        hvp(problem.loss_fn, unravel(t), unravel(u)))[0])(theta, v))
+    grad = jax.jit(jax.grad(f))
+    reverse = np.asarray(jax.jit(jax.grad(lambda t: jnp.vdot(jax.grad(f)(t), v)))(theta))
+    scale = np.abs(reverse).max()
+    np.testing.assert_allclose(hv, reverse, rtol=1e-9, atol=1e-11 * scale)
+    H = np.asarray(jax.jit(lambda p: dense_hessian(problem.loss_fn, p))(params))
+    assert H.shape == (problem.n_params, problem.n_params)
+    np.testing.assert_allclose(H @ np.asarray(v), hv, rtol=1e-9, atol=1e-10 * scale)
+    h = 1e-5
+    for j in np.random.default_rng(0).choice(theta.size, 3, replace=False):
+        e = jnp.zeros_like(theta).at[j].set(h)
+        column = (grad(theta + e) - grad(theta - e)) / (2 * h)
+        np.testing.assert_allclose(column, H[:, j], atol=2e-6 * max(1.0, np.abs(H).max()))
+
+
+def test_gradient_reaches_parameters_only(case):
+    _, _, problem = case
+    params = problem.init_fn(KEY)
+    g = jax.grad(problem.loss_fn)(params, problem.init_state_fn(KEY))
+    assert jax.tree.structure(g) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer"])
+def test_uneven_data_batches_equal_one_batch(name):
+    """loss, gradient, HVP (and, for the MLP, the dense Hessian) over batches of 4 + 4 + 2 rows
+    equal one batch of 10 to ~1e-12 (exact n_b/N weights)."""
+    spec = CASES[name]
+    data = tiny(spec["data"], 10)
+    one = model_problem(name, data, **spec["hp"])
+    many = model_problem(name, data, eval_batch_size=4, **spec["hp"])
+    params = one.init_fn(KEY)
+    theta, unravel, f1 = flat(one, params)
+    _, _, f7 = flat(many, params)
+    np.testing.assert_allclose(f7(theta), f1(theta), rtol=1e-13)
+    np.testing.assert_allclose(jax.grad(f7)(theta), jax.grad(f1)(theta), rtol=1e-11,
+                               atol=1e-14)
+    v = jax.random.normal(jax.random.PRNGKey(2), theta.shape)
+    hv1 = jax.jvp(jax.grad(f1), (theta,), (v,))[1]
+    hv7 = jax.jvp(jax.grad(f7), (theta,), (v,))[1]
+    np.testing.assert_allclose(hv7, hv1, rtol=1e-10, atol=1e-12 * np.abs(hv1).max())
+    if name == "mlp":
+        np.testing.assert_allclose(dense_hessian(many.loss_fn, params),
+                                   dense_hessian(one.loss_fn, params), rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_batchnorm_eval_mode_does_not_depend_on_the_evaluation_batch_size():
+    data = tiny("digits_images", 8)
+    hp = CASES["resnet"]["hp"]
+    p0 = model_problem("resnet", data, **hp)
+    params, state = p0.init_fn(KEY), p0.init_state_fn(KEY)
+    # running statistics that are not the initial ones, as after training
+    state = jax.tree.map(lambda s: s + 0.1 * jax.random.normal(KEY, s.shape) ** 2, state)
+    values = []
+    for b in (0, 3):
+        p = model_problem("resnet", data, eval_batch_size=b, **hp)
+        theta, unravel = ravel_pytree(params)
+        f = lambda t: p.loss_fn(unravel(t), state)  # noqa: E731
+        values.append((f(theta), jax.grad(f)(theta)))
+    for v, g in values[1:]:
+        np.testing.assert_allclose(v, values[0][0], rtol=1e-13)
+        np.testing.assert_allclose(g, values[0][1], rtol=1e-10, atol=1e-13)
+
+
+def test_batchnorm_batch_mode_depends_on_the_evaluation_batch_size_and_ignores_state():
+    data = tiny("digits_images", 16)
+    hp = CASES["resnet"]["hp"]
+    full = model_problem("resnet", data, batchnorm="batch", **hp)
+    halves = model_problem("resnet", data, batchnorm="batch", eval_batch_size=8, **hp)
+    params, state = full.init_fn(KEY), full.init_state_fn(KEY)
+    a, b = full.loss_fn(params), halves.loss_fn(params)
+    assert abs(a - b) > 1e-6 * abs(a)   # batch statistics of 16 rows vs two groups of 8
+    moved = jax.tree.map(lambda s: s + 3.0, state)
+    assert full.loss_fn(params, moved) == full.loss_fn(params, state)  # running stats unused
+    evalp = model_problem("resnet", data, **hp)
+    assert evalp.loss_fn(params, moved) != evalp.loss_fn(params, state)
+
+
+def test_training_moves_running_statistics_not_through_gradients():
+    from crit.train import make_optimizer, train_model
+
+    problem = model_problem("resnet", tiny("digits_images", 16), **CASES["resnet"]["hp"])
+    params, state = problem.init_fn(KEY), problem.init_state_fn(KEY)
+    new_params, new_state, log = jax.jit(lambda p, s: train_model(
+        problem, make_optimizer("adam", 1e-2), p, s, KEY, 6, 3, batch_size=8))(params, state)
+    moved = [float(jnp.abs(a - b).max()) for a, b in
+             zip(jax.tree.leaves(new_state), jax.tree.leaves(state))]
+    assert min(moved) > 0                         # every running statistic was updated
+    assert set(new_params) == {"params"} and log.loss.shape == (3,)
+    np.testing.assert_allclose(log.loss[-1], problem.loss_fn(new_params, new_state), rtol=1e-12)
+
+
+def test_dropout_only_in_training():
+    problem = model_problem("transformer", tiny("sequences", 4),
+                            **dict(CASES["transformer_seq"]["hp"], dropout=0.5))
+    params = problem.init_fn(KEY)
+    assert problem.loss_fn(params) == problem.loss_fn(params)
+    x, y = problem.dataset.x_train, problem.dataset.y_train
+    a = problem.train_loss_fn(params, {}, x, y, jax.random.PRNGKey(1))[0]
+    b = problem.train_loss_fn(params, {}, x, y, jax.random.PRNGKey(2))[0]
+    assert a != b and a != problem.loss_fn(params)
+
+
+def test_transformer_on_integer_tokens_infers_the_vocabulary():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 7, size=(10, 5)).astype(np.int32)
+    data = Dataset("tokens", x, (x.sum(1) % 2).astype(np.int32), x[:0], np.zeros(0, np.int32),
+                   "classification", 2)
+    problem = model_problem("transformer", data, dim=4, depth=1, heads=2, mlp_dim=4)
+    params = problem.init_fn(KEY)
+    assert params["params"]["Embed_0"]["embedding"].shape == (7, 4)
+    assert np.isfinite(problem.loss_fn(params))
+
+
+def test_a_forks_module_through_module_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_fork_model.py").write_text(textwrap.dedent('''
+        import flax.linen as nn
+        import jax.numpy as jnp
+
+        class TwoLayer(nn.Module):
+            n_outputs: int
+            hidden: int = 3
+
+            @nn.compact
+            def __call__(self, x):
+                x = x.reshape(x.shape[0], -1)
+                h = jnp.tanh(nn.Dense(self.hidden, param_dtype=jnp.float64)(x))
+                return nn.Dense(self.n_outputs, param_dtype=jnp.float64)(h)
+
+        def make(n_outputs, hidden=5):
+            return TwoLayer(n_outputs, hidden)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    problem = model_problem("my_fork_model:make", tiny("iris", 20), hidden=2)
+    assert problem.n_params == 4 * 2 + 2 + 2 * 3 + 3
+    klass = model_problem("my_fork_model:TwoLayer", tiny("iris", 20))
+    assert klass.n_params == 4 * 3 + 3 + 3 * 3 + 3
+    with pytest.raises(ModelError, match="no attribute 'nope'"):
+        model_problem("my_fork_model:nope", tiny("iris", 20))
+    with pytest.raises(ModelError, match="cannot import"):
+        model_problem("no_such_module_anywhere:make", tiny("iris", 20))
+    sys.modules.pop("my_fork_model", None)
