@@ -304,7 +304,8 @@ def load_data_file(path: str | Path, n_points: int | None = None) -> Dataset:
             raise DataFileError(f"{where}: key 'n_classes' given but 'y_train' holds float "
                                 "targets (regression); store labels as integers")
         y = y.reshape(len(y), -1).astype(np.float64)
-        y_test = y_test.reshape(len(y_test), -1).astype(np.float64)
+        y_test = (y_test.reshape(len(y_test), -1) if y_test.size
+                  else np.zeros((0, y.shape[1]))).astype(np.float64)
         if y_test.size and y_test.shape[1] != y.shape[1]:
             raise DataFileError(f"{where}: key 'y_test' has {y_test.shape[1]} targets per row, "
                                 f"'y_train' {y.shape[1]}")

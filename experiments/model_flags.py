@@ -1,0 +1,124 @@
+"""Flags that bring your own network and data (crit.models, crit.data), for the apps that take
+any model: ``--model``, ``--model_arg``, ``--data_file``, ``--batchnorm``, ``--eval_batch_size``.
+
+Only apps that import this module accept these flags; every other app refuses them as unknown
+before any compute (they build their own MLPs). With the module imported,
+:func:`experiments.common.problem_from_flags` builds ``--model`` on ``--data_file`` or
+``--dataset``, and :func:`model_errors` checks every value (including that the model accepts
+the data's shape) before any compute.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from absl import flags
+
+from crit.models import MODELS, model_names
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", "mlp", f"Network: {', '.join(model_names())} (crit/models), or "
+                    "'some.module:factory' for your own Flax module. --widths, --activation and "
+                    "--use_bias shape the mlp; other models take --model_arg.")
+flags.DEFINE_multi_string("model_arg", [], "Hyperparameter of --model as key=value, repeatable "
+                          "(e.g. --model_arg=depth=20 --model_arg=width=16; tuples as 6,16).")
+flags.DEFINE_string("data_file", None, "An .npz with x_train, y_train (optional x_test, y_test, "
+                    "n_classes): see crit.data.load_data_file. Replaces --dataset.")
+flags.DEFINE_enum("batchnorm", "eval", ["eval", "batch"],
+                  "BatchNorm semantics of every loss whose derivatives are taken: eval (running "
+                  "statistics fixed after training; the loss is a function of θ alone) or batch "
+                  "(each evaluation batch normalizes with its own statistics; the loss then "
+                  "depends on --eval_batch_size). Ignored by models without BatchNorm.")
+flags.DEFINE_integer("eval_batch_size", 0, "Rows per batch of the full-data loss, gradient, "
+                     "HVP and Hessian (0: all rows at once). Bounds memory by the batch; exact "
+                     "n_b/N weights.")
+
+MLP_FLAGS = ("widths", "activation", "use_bias")
+
+
+def parse_model_args(items) -> dict:
+    """['depth=20', 'channels=6,16', 'norm=none'] -> {'depth': 20, 'channels': (6, 16), ...}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model_arg={item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        out[key] = value
+    return out
+
+
+def model_errors() -> list[str]:
+    """Messages for every invalid model/data flag, with the data loaded and the model shaped."""
+    e: list[str] = []
+    try:
+        hparams = parse_model_args(FLAGS.model_arg)
+    except ValueError as exc:
+        return [str(exc)]
+    if FLAGS.model != "mlp":
+        given = [f"--{n}" for n in MLP_FLAGS if FLAGS[n].present]
+        if given:
+            e.append(f"{', '.join(given)} shape(s) --model=mlp only; for --model={FLAGS.model} "
+                     f"use --model_arg (it takes {sorted(MODELS.get(FLAGS.model, ('', '', {}))[2])})")
+    elif hparams:
+        e.append("--model=mlp takes --widths/--activation/--use_bias, not --model_arg")
+    if FLAGS.eval_batch_size < 0:
+        e.append(f"--eval_batch_size={FLAGS.eval_batch_size}: must be >= 0 (0 = all rows)")
+    if FLAGS.data_file and FLAGS["dataset"].present:
+        e.append("--data_file and --dataset exclude each other")
+    if e:
+        return e
+    try:
+        problem_from_model_flags()
+    except Exception as exc:  # model, data file, loss, shapes: one message naming the cause
+        e.append(f"--model={FLAGS.model}" + (f" with --data_file={FLAGS.data_file}"
+                                             if FLAGS.data_file else
+                                             f" with --dataset={FLAGS.dataset}") + f": {exc}")
+    return e
+
+
+def data_from_flags():
+    from crit.data import DATASETS, load_data_file
+
+    if FLAGS.data_file:
+        return load_data_file(FLAGS.data_file, n_points=FLAGS.n_points
+                              if FLAGS["n_points"].present else None)
+    kwargs = {}
+    if FLAGS.dataset == "gaussian":
+        kwargs = dict(dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out)
+    return DATASETS[FLAGS.dataset](n_points=FLAGS.n_points, seed=FLAGS.data_seed, **kwargs)
+
+
+def problem_from_model_flags():
+    """The problem of --model on --data_file / --dataset (cached: validation builds it once)."""
+    global _CACHED
+    key = (FLAGS.model, tuple(FLAGS.model_arg), FLAGS.data_file, FLAGS.dataset, FLAGS.n_points,
+           FLAGS.data_seed, FLAGS.dim_in, FLAGS.dim_out, FLAGS.widths, FLAGS.activation,
+           FLAGS.use_bias, FLAGS.loss, FLAGS.l2, FLAGS.batchnorm, FLAGS.eval_batch_size)
+    if _CACHED is not None and _CACHED[0] == key:
+        return _CACHED[1]
+    import jax
+
+    from crit.problems import model_problem
+    from experiments.common import parse_widths
+
+    hparams = parse_model_args(FLAGS.model_arg)
+    if FLAGS.model == "mlp":
+        hparams = dict(widths=parse_widths(FLAGS.widths), activation=FLAGS.activation,
+                       use_bias=FLAGS.use_bias)
+    problem = model_problem(FLAGS.model, data_from_flags(),
+                            loss=None if FLAGS.loss == "auto" else FLAGS.loss, l2=FLAGS.l2,
+                            batchnorm=FLAGS.batchnorm, eval_batch_size=FLAGS.eval_batch_size,
+                            **hparams)
+    # the model must accept the data: one forward pass on shapes only, no compute
+    jax.eval_shape(problem.loss_fn, jax.eval_shape(problem.init_fn, jax.random.key(0)))
+    _CACHED = (key, problem)
+    return problem
+
+
+_CACHED = None
