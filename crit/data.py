@@ -207,6 +207,13 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+# The task of each registry data set, known without building it (flag checks use this).
+TASKS = {"sinc": "regression", "sign": "regression", "gaussian": "regression",
+         "digits": "classification", "digits_images": "classification",
+         "mnist1d": "classification", "iris": "classification", "wine": "classification",
+         "breast_cancer": "classification", "diabetes": "regression"}
+
+
 def check_dataset(data: Dataset) -> None:
     """Raise ``ValueError`` naming the array if a data set holds NaN/inf or mismatched shapes."""
     for field in ("x_train", "y_train", "x_test", "y_test"):

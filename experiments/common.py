@@ -17,6 +17,7 @@ from absl import app, flags
 import crit  # noqa: F401  (float64 on)
 from crit import store
 from crit.critical import FINDERS
+from crit.data import TASKS
 from crit.problems import ACTIVATIONS, DATASETS, LOSSES, mlp_problem
 from crit.train import OPTIMIZERS
 
@@ -86,18 +87,19 @@ def problem_errors() -> list[str]:
     except ValueError as exc:
         e.append(str(exc))
     _check(FLAGS.n_points >= 1, f"--n_points={FLAGS.n_points}: must be >= 1", e)
-    if FLAGS.dataset == "digits":
+    if FLAGS.dataset in ("digits", "digits_images"):
         _check(FLAGS.n_points <= 1796, f"--n_points={FLAGS.n_points}: digits has 1797 images; "
                "use at most 1796 for training", e)
     _check(FLAGS.dim_in >= 1, f"--dim_in={FLAGS.dim_in}: must be >= 1", e)
     _check(FLAGS.dim_out >= 1, f"--dim_out={FLAGS.dim_out}: must be >= 1", e)
-    classification = FLAGS.dataset == "digits"
-    if FLAGS.loss == "xent" and not classification:
+    classification = TASKS.get(FLAGS.dataset) == "classification"
+    with_file = "data_file" in FLAGS and FLAGS.data_file  # its task is checked with the model
+    if FLAGS.loss == "xent" and not classification and not with_file:
         e.append(f"--loss=xent needs class labels; --dataset={FLAGS.dataset} is regression "
                  "(use --loss=mse or --dataset=digits)")
-    if FLAGS.loss == "mse" and classification:
-        e.append("--loss=mse needs real targets; --dataset=digits has class labels (use "
-                 "--loss=xent)")
+    if FLAGS.loss == "mse" and classification and not with_file:
+        e.append(f"--loss=mse needs real targets; --dataset={FLAGS.dataset} has class labels "
+                 "(use --loss=xent)")
     for name in ("l2", "grad_tol", "flat_tol"):
         value = getattr(FLAGS, name)
         _check(math.isfinite(value) and value >= 0, f"--{name}={value}: must be a finite "
@@ -113,6 +115,10 @@ def problem_errors() -> list[str]:
     _check(FLAGS.log_every >= 1, f"--log_every={FLAGS.log_every}: must be >= 1", e)
     if FLAGS.finder_steps is not None:
         _check(FLAGS.finder_steps >= 1, f"--finder_steps={FLAGS.finder_steps}: must be >= 1", e)
+    if "model" in FLAGS and not e:  # apps that take any model (experiments/model_flags.py)
+        from experiments import model_flags
+
+        e.extend(model_flags.model_errors())
     return e
 
 
@@ -124,6 +130,11 @@ def finder_steps() -> int:
 
 def problem_from_flags():
     """The :class:`crit.problems.Problem` the flags describe (flags already validated)."""
+    if "model" in FLAGS:
+        from experiments import model_flags
+
+        if FLAGS.model != "mlp" or FLAGS.data_file:
+            return model_flags.problem_from_model_flags()
     extra = {}
     if FLAGS.dataset == "gaussian":
         extra = dict(dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import cluster, common
+from experiments import cluster, common, model_flags
 from crit import plots, store
 from crit.critical import STATUSES
 from crit.spectrum import classify_spectrum
@@ -55,6 +55,8 @@ flags.DEFINE_enum("spectrum_dtype", "float64", ["float64", "float32"],
                   "Precision of the finder, the dense Hessian and eigvalsh. float32 is for TPUs "
                   "(float64 is emulated there, slowly): τ becomes P·ε₃₂·max|λ|, and the "
                   "certificate ‖∇L‖ ≤ --grad_tol is still a float64 gradient (BUILD.md).")
+flags.DEFINE_integer("batch_size", 0, "Training rows per optimizer step (0: full batch). "
+                     "Criticality and spectra always use the full-data loss.")
 flags.DEFINE_float("memory_gb", 0.0, "Memory one device may use, in GiB (0: what it reports; "
                    "set it when sharing a GPU). Sizes the plan; never changes results except "
                    "through an automatic --vmap_width.")
@@ -94,6 +96,8 @@ def validate() -> None:
     if FLAGS.spectrum_dtype == "float32" and FLAGS.hessian == "lanczos":
         errors.append("--spectrum_dtype=float32 is implemented for the dense Hessian only; use "
                       "--hessian=dense (or auto with P <= --dense_max_params)")
+    if FLAGS.batch_size < 0:
+        errors.append(f"--batch_size={FLAGS.batch_size}: must be >= 0 (0 = full batch)")
     if not FLAGS.memory_gb >= 0:
         errors.append(f"--memory_gb={FLAGS.memory_gb}: must be >= 0 (0 = what the device has)")
     out = Path(FLAGS.out_dir)
@@ -119,7 +123,8 @@ def protocol_config(n_params: int, vmap_width: int) -> ProtocolConfig:
         momentum=FLAGS.momentum, train_steps=FLAGS.train_steps, log_every=FLAGS.log_every,
         train_dtype=FLAGS.train_dtype, finder=FLAGS.finder, finder_steps=common.finder_steps(),
         finder_lr=FLAGS.finder_lr, grad_tol=FLAGS.grad_tol, flat_tol=FLAGS.flat_tol,
-        eig_tol=FLAGS.eig_tol, vmap_width=vmap_width, spectrum_dtype=FLAGS.spectrum_dtype)
+        eig_tol=FLAGS.eig_tol, vmap_width=vmap_width, spectrum_dtype=FLAGS.spectrum_dtype,
+        batch_size=FLAGS.batch_size)
 
 
 def default_vmap_width() -> int:
@@ -179,10 +184,12 @@ def run_config(cfg: ProtocolConfig, problem) -> dict:
     protocol.update(problem=problem.name, dataset=FLAGS.dataset, n_points=FLAGS.n_points,
                     data_seed=FLAGS.data_seed, dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out,
                     widths=FLAGS.widths, activation=FLAGS.activation, use_bias=FLAGS.use_bias,
-                    loss=problem.loss_name, l2=FLAGS.l2, num_inits=FLAGS.num_inits)
+                    loss=problem.loss_name, l2=FLAGS.l2, num_inits=FLAGS.num_inits,
+                    **model_flags.fingerprint(problem))
     return {"experiment": "min_ratio", "protocol": protocol,
             "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-            | {f.name: f.value for f in FLAGS.get_flags_for_module(common)},
+            | {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+            | {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)},
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "phi": problem.phi, "environment": common.environment()}
 
@@ -306,8 +313,10 @@ def main(argv):
     todo = store.missing_ids(done.get("init_id", []), FLAGS.num_inits)
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
           f"points, phi = P/(n·k) = {problem.phi:.3f}; {FLAGS.num_inits} inits, finder "
-          f"{cfg.finder}, hessian {cfg.hessian}" + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""),
-          flush=True)
+          f"{cfg.finder}, hessian {cfg.hessian}"
+          + (f"; BatchNorm {problem.batchnorm} mode" if problem.has_state else "")
+          + (f"; eval batches of {problem.eval_batch_size}" if problem.eval_batch_size else "")
+          + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""), flush=True)
     compute(problem, cfg, plan, mesh, out_dir, todo)
     if not lead:
         return

@@ -122,3 +122,22 @@ def problem_from_model_flags():
 
 
 _CACHED = None
+
+
+def fingerprint(problem) -> dict:
+    """What the model and data flags put in a run's fingerprint: the model and its
+    hyperparameters, the data file and the SHA-256 of its bytes (a file changed in place is
+    another run), the BatchNorm semantics the numbers were computed with ("none" for a model
+    without state) and the evaluation batch size."""
+    import hashlib
+
+    digest = None
+    if FLAGS.data_file:
+        h = hashlib.sha256()
+        with open(FLAGS.data_file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return {"model": FLAGS.model, "model_args": sorted(FLAGS.model_arg),
+            "data_file": FLAGS.data_file, "data_sha256": digest,
+            "batchnorm": problem.batchnorm, "eval_batch_size": problem.eval_batch_size}

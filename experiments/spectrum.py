@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import common, model_flags
 from crit import store
 
 FLAGS = flags.FLAGS
@@ -58,6 +58,8 @@ flags.DEFINE_integer("init_id", 0, "Which initialization to follow.")
 flags.DEFINE_string("snapshots", "0,mid,end", "Training steps at which to take the spectrum: "
                     "comma-separated integers in [0, --train_steps] and/or 'mid' "
                     "(train_steps // 2) and 'end' (train_steps).")
+flags.DEFINE_integer("batch_size", 0, "Training rows per optimizer step (0: full batch); the "
+                     "spectra are always of the full-data loss.")
 flags.DEFINE_integer("lanczos_steps", 90, "Lanczos steps per run (m; Ghorbani et al. use 90).")
 flags.DEFINE_integer("slq_probes", 4, "SLQ Rademacher probes (n_v >= 2 for a standard error).")
 flags.DEFINE_integer("num_eigs", 5, "Extremal Ritz values reported at each end (k).")
@@ -142,7 +144,7 @@ def validate() -> None:
         errors.append(f"--slq_probes={FLAGS.slq_probes}: must be >= 1")
     if not 1 <= FLAGS.num_eigs <= max(FLAGS.lanczos_steps, 1):
         errors.append(f"--num_eigs={FLAGS.num_eigs}: must be in [1, --lanczos_steps]")
-    for name in ("hvp_batch_size", "probe_batch", "init_id"):
+    for name in ("hvp_batch_size", "probe_batch", "init_id", "batch_size"):
         if getattr(FLAGS, name) < 0:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
     if FLAGS.eig_tol is not None and FLAGS["tol_scale"].present:
@@ -177,9 +179,10 @@ def run_config(problem, snapshots, dense: bool) -> dict:
     output options and the inapplicable ones, with --snapshots and --compare_dense resolved)
     and the rest."""
     shared, own = common.flag_values(__name__)
+    shared |= {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)}
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name, snapshots=snapshots,
-                    compare_dense=dense)
+                    compare_dense=dense, **model_flags.fingerprint(problem))
     return {"experiment": "spectrum", "protocol": protocol, "flags": shared | own,
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "environment": common.environment()}
@@ -223,8 +226,66 @@ def train_with_snapshots(problem, snapshots: list[int]):
         buf = jnp.where((steps == FLAGS.train_steps)[:, None], flat[None], buf)
         return buf, loss, gnorm
 
+    if problem.has_state or FLAGS.batch_size:
+        return train_model_with_snapshots(problem, snapshots, params, dtype, opt)
     buf, loss, gnorm = run(params)
-    return np.asarray(buf), np.asarray(loss, np.float64), np.asarray(gnorm, np.float64)
+    return np.asarray(buf), None, np.asarray(loss, np.float64), np.asarray(gnorm, np.float64)
+
+
+def train_model_with_snapshots(problem, snapshots, params, dtype, opt):
+    """Training with state (BatchNorm) or mini-batches: ``problem.train_loss_fn`` in training
+    mode on batches of --batch_size rows (a fresh permutation each epoch), the running
+    statistics updated as it goes. Returns flat θ and flat state at each snapshot, and the
+    training-mode loss and gradient norm of each step's batch."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.flatten_util import ravel_pytree
+
+    from crit.protocol import init_key
+    from crit.train import cast_params, tree_norm
+
+    key = init_key(FLAGS.seed, FLAGS.init_id)
+    state = cast_params(problem.init_state_fn(key), dtype)
+    n = problem.dataset.n_train
+    batch = n if not FLAGS.batch_size or FLAGS.batch_size >= n else FLAGS.batch_size
+    per_epoch = n // batch
+    x, y = jnp.asarray(problem.dataset.x_train), jnp.asarray(problem.dataset.y_train)
+    value_and_grad = jax.value_and_grad(problem.train_loss_fn, has_aux=True)
+    steps = jnp.asarray(snapshots)
+    flat_state = lambda st: ravel_pytree(st)[0].astype(jnp.float64)  # noqa: E731
+    batch_key = jax.random.fold_in(key, 2)
+
+    @jax.jit
+    def run(p, st):
+        def step(carry, i):
+            p, st, opt_state, buf, sbuf = carry
+            take = (steps == i)[:, None]
+            buf = jnp.where(take, ravel_pytree(p)[0][None].astype(buf.dtype), buf)
+            sbuf = jnp.where(take, flat_state(st)[None], sbuf)
+            epoch, within = jnp.divmod(i, per_epoch)
+            perm = (jnp.arange(n) if batch == n
+                    else jax.random.permutation(jax.random.fold_in(batch_key, epoch), n))
+            idx = jax.lax.dynamic_slice_in_dim(perm, within * batch, batch)
+            (loss, new), g = value_and_grad(p, st, x[idx], y[idx],
+                                            jax.random.fold_in(jax.random.fold_in(key, 3), i))
+            st = jax.tree.map(lambda a, b: a.astype(b.dtype), new, st)
+            updates, opt_state = opt.update(g, opt_state, p)
+            return (optax.apply_updates(p, updates), st, opt_state, buf, sbuf), (loss,
+                                                                                 tree_norm(g))
+
+        buf = jnp.zeros((len(snapshots), ravel_pytree(p)[0].size), jnp.float64)
+        sbuf = jnp.zeros((len(snapshots), flat_state(st).size), jnp.float64)
+        (p, st, _, buf, sbuf), (loss, gnorm) = jax.lax.scan(
+            step, (p, st, opt.init(p), buf, sbuf), jnp.arange(FLAGS.train_steps))
+        last = (steps == FLAGS.train_steps)[:, None]
+        buf = jnp.where(last, ravel_pytree(p)[0].astype(jnp.float64)[None], buf)
+        sbuf = jnp.where(last, flat_state(st)[None], sbuf)
+        return buf, sbuf, loss, gnorm
+
+    buf, sbuf, loss, gnorm = run(params, state)
+    return (np.asarray(buf), np.asarray(sbuf), np.asarray(loss, np.float64),
+            np.asarray(gnorm, np.float64))
 
 
 GRID_POINTS = 2000
@@ -250,19 +311,23 @@ def make_analysis(problem):
 
     template = cast_params(problem.init_fn(jax.random.PRNGKey(0)), jnp.float64)
     unravel = ravel_pytree(template)[1]
+    unravel_state = ravel_pytree(cast_params(problem.init_state_fn(jax.random.PRNGKey(0)),
+                                             jnp.float64))[1]
     key = jax.random.fold_in(init_key(FLAGS.seed, FLAGS.init_id), 1)
     x, y = jnp.asarray(problem.dataset.x_train), jnp.asarray(problem.dataset.y_train)
     rel_tols = jnp.asarray(SWEEP_REL_TOLS)
 
     @jax.jit
-    def analyse(theta):
-        params = unravel(theta)
-        loss = problem.loss_fn(params)
+    def analyse(theta, state_flat):
+        params, state = unravel(theta), unravel_state(state_flat)
+        loss_fn = problem.bind_state(state)   # L(θ; state): the state is fixed, never varied
+        loss = loss_fn(params)
         if FLAGS.hvp_batch_size:
-            grad, matvec = full_batch_hvp_operator(problem.batch_loss_fn, params, x, y,
-                                                   FLAGS.hvp_batch_size)
+            grad, matvec = full_batch_hvp_operator(
+                lambda p, xb, yb: problem.batch_loss_fn(p, xb, yb, state), params, x, y,
+                FLAGS.hvp_batch_size)
         else:
-            grad, matvec = hvp_operator(problem.loss_fn, params)
+            grad, matvec = hvp_operator(loss_fn, params)
         spec = krylov_spectrum(matvec, key, theta.size, num_steps=FLAGS.lanczos_steps,
                                num_probes=FLAGS.slq_probes, k=FLAGS.num_eigs,
                                tol=FLAGS.eig_tol, z=FLAGS.z, tol_scale=FLAGS.tol_scale,
@@ -287,20 +352,22 @@ def make_analysis(problem):
                 out[f"sweep_{name}_{part}"] = getattr(est, attr)
         return out
 
-    return analyse, unravel
+    return analyse, (unravel, unravel_state)
 
 
-def make_dense(problem, unravel):
-    """theta -> all P exact eigenvalues (dense Hessian, compiled once; numpy eigvalsh)."""
+def make_dense(problem, unravels):
+    """(theta, state) -> all P exact eigenvalues (dense Hessian, compiled once; numpy eigvalsh)."""
     import jax
 
     from crit.hessian import dense_hessian
 
-    hessian = jax.jit(lambda t: dense_hessian(problem.loss_fn, unravel(t)))
-    return lambda theta: np.linalg.eigvalsh(np.asarray(hessian(theta)))
+    unravel, unravel_state = unravels
+    hessian = jax.jit(lambda t, s: dense_hessian(problem.bind_state(unravel_state(s)),
+                                                 unravel(t)))
+    return lambda theta, state: np.linalg.eigvalsh(np.asarray(hessian(theta, state)))
 
 
-def analyse_snapshot(analyse, dense_eigs, theta) -> dict:
+def analyse_snapshot(analyse, dense_eigs, theta, state) -> dict:
     """One snapshot's results as flat host arrays: the keys of :func:`make_analysis` (``spec``
     flattened to ``spec_<field>``) and, with a dense comparison, ``eigs`` and the exact
     ``exact_<count or fraction>`` under the SLQ tolerance τ."""
@@ -308,11 +375,11 @@ def analyse_snapshot(analyse, dense_eigs, theta) -> dict:
 
     from crit.spectrum import classify_spectrum
 
-    out = jax.tree.map(np.asarray, analyse(theta))
+    out = jax.tree.map(np.asarray, analyse(theta, state))
     spec = out.pop("spec")
     out.update({f"spec_{f}": np.asarray(getattr(spec, f)) for f in SPEC_FIELDS})
     if dense_eigs is not None:
-        out["eigs"] = dense_eigs(theta)
+        out["eigs"] = dense_eigs(theta, state)
         exact = classify_spectrum(out["eigs"], float(spec.tolerance))
         for f in ("n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
                   "lambda_min", "lambda_max"):
@@ -457,20 +524,25 @@ def main(argv):
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
           f"points; snapshots at steps {snapshots}; {FLAGS.slq_probes} SLQ probes + 1 extremal "
           f"run × {FLAGS.lanczos_steps} Lanczos steps; dense comparison "
-          f"{'on' if dense else 'off'}" + (f"; resuming, {len(todo)} of {len(snapshots)} "
-                                           "snapshots left" if resuming else ""), flush=True)
+          f"{'on' if dense else 'off'}"
+          + (f"; BatchNorm {problem.batchnorm} mode" if problem.has_state else "")
+          + (f"; eval batches of {problem.eval_batch_size}" if problem.eval_batch_size else "")
+          + (f"; resuming, {len(todo)} of {len(snapshots)} snapshots left" if resuming else ""),
+          flush=True)
     t0 = time.time()
-    thetas, curve_loss, curve_grad = train_with_snapshots(problem, snapshots)
+    thetas, states, curve_loss, curve_grad = train_with_snapshots(problem, snapshots)
+    if states is None:
+        states = np.zeros((len(snapshots), 0))
     print(f"trained {FLAGS.train_steps} steps in {time.time() - t0:.1f}s", flush=True)
     if todo:
         analyse, unravel = make_analysis(problem)
         t1 = time.time()
-        analyse = analyse.lower(thetas[0]).compile()
+        analyse = analyse.lower(thetas[0], states[0]).compile()
         print(f"compiled the analysis in {time.time() - t1:.1f}s", flush=True)
         dense_eigs = make_dense(problem, unravel) if dense else None
     for j in todo:
         t1 = time.time()
-        row = analyse_snapshot(analyse, dense_eigs, thetas[j])
+        row = analyse_snapshot(analyse, dense_eigs, thetas[j], states[j])
         # saved before the next snapshot starts: a killed run loses at most the one in progress
         store.write_chunk(out_dir, {"init_id": np.asarray([j])}
                           | {k: np.asarray(v)[None] for k, v in row.items()})
