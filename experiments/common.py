@@ -6,13 +6,13 @@ is checked by :func:`validate` before any compute, with one message naming the f
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
-import platform
 import sys
 import time
 
 from absl import app, flags
+
+from experiments.provenance import environment  # noqa: F401  (config.json)
 
 import crit  # noqa: F401  (float64 on)
 from crit import store
@@ -142,23 +142,6 @@ def problem_from_flags():
                        activation=FLAGS.activation, use_bias=FLAGS.use_bias,
                        loss=None if FLAGS.loss == "auto" else FLAGS.loss, l2=FLAGS.l2,
                        n_points=FLAGS.n_points, data_seed=FLAGS.data_seed, **extra)
-
-
-def environment() -> dict:
-    """Package versions, Python, platform and JAX devices, for config.json."""
-    import jax
-
-    versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "matplotlib", "absl-py",
-                "scikit-learn"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"crit": crit.__version__, "python": sys.version.split()[0],
-            "platform": platform.platform(), "packages": versions,
-            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-            "process_count": jax.process_count()}
 
 
 class Progress:

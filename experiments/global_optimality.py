@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from experiments.provenance import environment  # noqa: F401  (config.json)
+
 import crit  # noqa: F401  (float64 on)
 from crit import store
 from crit.homogeneous import REGULARIZERS
@@ -111,25 +113,6 @@ def make_data():
     a = rng.choice([-1.0, 1.0], FLAGS.teacher_units)
     y = np.maximum(x @ v.T, 0.0) @ a + FLAGS.noise * rng.standard_normal(FLAGS.n_points)
     return x, y
-
-
-def environment() -> dict:
-    """Versions and devices for config.json (experiments.common is not imported: its problem
-    flags do not apply here and --n_points/--data_seed would clash)."""
-    import importlib.metadata
-    import platform
-
-    import jax
-
-    versions = {}
-    for pkg in ("jax", "jaxlib", "optax", "numpy", "matplotlib", "absl-py"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"crit": crit.__version__, "python": sys.version.split()[0],
-            "platform": platform.platform(), "packages": versions,
-            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
 
 
 def run_config() -> dict:

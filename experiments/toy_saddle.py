@@ -17,10 +17,8 @@ configuration is refused unless ``--overwrite``, and files are replaced atomical
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from experiments.provenance import environment  # noqa: F401  (config.json)
 
 import crit  # noqa: F401  (float64 on)
 from crit import plots, store, toy
@@ -204,20 +204,6 @@ def json_ready(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def environment() -> dict:
-    """Versions and devices for config.json (the app does not import experiments.common, whose
-    problem flags would otherwise be accepted here and ignored)."""
-    versions = {}
-    for pkg in ("jax", "jaxlib", "numpy", "matplotlib", "absl-py"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"crit": crit.__version__, "python": sys.version.split()[0],
-            "platform": platform.platform(), "packages": versions,
-            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
 
 
 def run_config() -> dict:
