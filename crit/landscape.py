@@ -173,26 +173,53 @@ def random_direction(key: Array, params: PyTree) -> PyTree:
     return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
+# Leaves that are not filters (Li et al. leave them out of the direction): biases, norm scales,
+# and BatchNorm statistics if a state tree is ever passed.
+NOT_FILTERS = ("bias", "scale", "mean", "var")
+# Flax attention projections (DenseGeneral): kernel (d_in, heads, head_dim), one filter per
+# (head, head_dim) output unit, over the input axis only.
+HEAD_PROJECTIONS = ("query", "key", "value")
+
+
+def filter_axes(path, shape) -> tuple[int, ...] | None:
+    """The axes one filter spans in a parameter of this path and shape (None: not a filter).
+
+    A filter is the set of weights into one output unit, for every kernel layout crit's models
+    use: dense (d_in, d_out) and embedding (vocab, d) tables → over axis 0, per column; conv
+    HWIO (h, w, c_in, c_out) → over (h, w, c_in), per output channel; attention query / key /
+    value (d, heads, head_dim) → over axis 0, per (head, head_dim) unit; attention output
+    (heads, head_dim, d) → over (heads, head_dim), per output feature; position embeddings
+    (1, L, d) → over (1, L), per feature. Biases (also the (heads, head_dim) attention biases),
+    LayerNorm / BatchNorm scales and anything of rank <= 1 are not filters.
+    """
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if len(shape) <= 1 or (names and names[-1] in NOT_FILTERS):
+        return None
+    if len(shape) == 3 and any(n in HEAD_PROJECTIONS for n in names[:-1]):
+        return (0,)
+    return tuple(range(len(shape) - 1))
+
+
 def filter_normalize(direction: PyTree, params: PyTree, eps: float = 1e-10) -> PyTree:
     """Filter normalization of Li et al. (2018).
 
-    For every filter, d_f ← d_f ‖θ_f‖ / (‖d_f‖ + eps). A filter is one slice ``[..., j]``
-    over the last axis: for a Flax dense kernel (d_in, d_out) it is column j, the weights
-    into output unit j; for a conv kernel (h, w, c_in, c_out) it is output channel j.
-    Leaves with ndim <= 1 (biases, norm scales and offsets, scalars) are set to zero, as in
-    Li et al.'s default. ``direction`` and ``params`` share structure and shapes; ``eps``
-    guards against a zero direction filter (and perturbs the norms by ~eps/‖d_f‖).
+    For every filter f, d_f ← d_f ‖θ_f‖ / (‖d_f‖ + eps); what a filter is for each kernel
+    layout is :func:`filter_axes` (dense and conv kernels: the weights into one output unit or
+    channel; attention projections: into one (head, head_dim) unit). Leaves that are not
+    filters (biases, norm scales, rank <= 1) are set to zero, as in Li et al.'s default.
+    ``direction`` and ``params`` share structure and shapes; ``eps`` guards against a zero
+    direction filter (and perturbs the norms by ~eps/‖d_f‖).
     """
 
-    def leaf(d, p):
-        if jnp.ndim(p) <= 1:
+    def leaf(path, d, p):
+        axes = filter_axes(path, jnp.shape(p))
+        if axes is None:
             return jnp.zeros_like(d)
-        axes = tuple(range(jnp.ndim(p) - 1))
         d_norm = jnp.sqrt(jnp.sum(d**2, axis=axes, keepdims=True))
         p_norm = jnp.sqrt(jnp.sum(p**2, axis=axes, keepdims=True))
         return d * p_norm / (d_norm + eps)
 
-    return jax.tree_util.tree_map(leaf, direction, params)
+    return jax.tree_util.tree_map_with_path(leaf, direction, params)
 
 
 def filter_normalized_direction(key: Array, params: PyTree) -> PyTree:

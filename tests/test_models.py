@@ -258,3 +258,39 @@ def test_a_forks_module_through_module_factory(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="cannot import"):
         model_problem("no_such_module_anywhere:make", tiny("iris", 20))
     sys.modules.pop("my_fork_model", None)
+
+
+def test_filter_normalization_for_every_kernel_layout():
+    """Li et al.'s filters for conv HWIO, attention projections with head axes, embeddings and
+    norm parameters: each filter of the direction gets its parameter filter's norm."""
+    from crit.landscape import filter_normalize, random_direction
+
+    conv = model_problem("cnn", tiny("digits_images", 4), **CASES["cnn"]["hp"])
+    attn = model_problem("transformer", tiny("digits_images", 4), **CASES["transformer"]["hp"])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(4, 3)).astype(np.int32)
+    tokens = model_problem("transformer", Dataset("t", x, np.array([0, 1, 0, 1], np.int32),
+                                                  x[:0], np.zeros(0, np.int32),
+                                                  "classification", 2),
+                           dim=4, depth=1, heads=2, mlp_dim=4)
+    bn = model_problem("resnet", tiny("digits_images", 4), **CASES["resnet"]["hp"])
+    for problem, checks in (
+            (conv, {("Conv_0", "kernel"): (0, 1, 2)}),
+            (attn, {("_EncoderBlock_0", "MultiHeadDotProductAttention_0", "query", "kernel"): (0,),
+                    ("_EncoderBlock_0", "MultiHeadDotProductAttention_0", "out", "kernel"): (0, 1),
+                    ("Dense_0", "kernel"): (0,)}),
+            (tokens, {("Embed_0", "embedding"): (0,)}),
+            (bn, {("Conv_0", "kernel"): (0, 1, 2)})):
+        params = problem.init_fn(KEY)
+        d = filter_normalize(random_direction(jax.random.PRNGKey(3), params), params)
+        flat_d = {tuple(str(getattr(k, "key", k)) for k in path): v
+                  for path, v in jax.tree_util.tree_leaves_with_path(d["params"])}
+        flat_p = {tuple(str(getattr(k, "key", k)) for k in path): v
+                  for path, v in jax.tree_util.tree_leaves_with_path(params["params"])}
+        for name, axes in checks.items():
+            np.testing.assert_allclose(np.sqrt((flat_d[name] ** 2).sum(axis=axes)),
+                                       np.sqrt((flat_p[name] ** 2).sum(axis=axes)), rtol=1e-8,
+                                       err_msg=str(name))
+        for name, value in flat_d.items():
+            if name[-1] in ("bias", "scale") or value.ndim <= 1:
+                assert not np.any(value), name  # biases (attention's are 2-D), norm scales
