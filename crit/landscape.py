@@ -465,15 +465,15 @@ def input_sensitivity(
     Parameters
     ----------
     apply_fn : callable
-        ``apply_fn(params, x_n)`` for a single point x_n (e.g. a Flax ``model.apply`` on an
-        unbatched input); output of any shape.
+        ``apply_fn(params, x_batch)`` on a batch (e.g. ``Problem.apply_fn``); each point is
+        passed as a batch of one, so convolutional and attention models work too.
     params : pytree
     x : array, shape (N, ...)
         Data points on the leading axis.
     """
 
     def per_point(xn):
-        jac = jax.jacrev(lambda v: apply_fn(params, v))(xn)
+        jac = jax.jacrev(lambda v: apply_fn(params, v[None])[0])(xn)
         return jnp.sqrt(jnp.sum(jac**2))
 
     return jnp.mean(chunked_vmap(per_point, x, chunk_size))

@@ -169,6 +169,11 @@ def flag_values(module_name: str) -> tuple[dict, dict]:
     """(shared, own): the values of this module's shared flags and of app ``module_name``'s flags."""
     own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[module_name])}
     shared = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+    if "model" in FLAGS:  # the app takes any model: its flags and the data file's hash count
+        from experiments import model_flags
+
+        shared |= {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)}
+        shared["data_sha256"] = model_flags.data_digest()
     return shared, own
 
 

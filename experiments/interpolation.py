@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import landscape, store
 from crit.train import cast_params, make_optimizer, minibatch_train, snapshot_steps
 

@@ -26,6 +26,7 @@ from crit.spectrum import classify_spectrum
 from crit.protocol import ProtocolConfig, make_chunk_fn, run_chunk
 
 FLAGS = flags.FLAGS
+TRAINS_STATE = True  # trains BatchNorm statistics with the weights (experiments/model_flags)
 flags.DEFINE_integer("num_inits", 100, "Number of random initializations.")
 flags.DEFINE_integer("seed", 0, "Root seed; init i uses fold_in(PRNGKey(seed), i).")
 flags.DEFINE_string("out_dir", "runs/min_ratio", "Results directory.")

@@ -11,6 +11,7 @@ the data's shape) before any compute.
 from __future__ import annotations
 
 import ast
+import sys
 
 from absl import flags
 
@@ -74,11 +75,17 @@ def model_errors() -> list[str]:
     if e:
         return e
     try:
-        problem_from_model_flags()
+        problem = problem_from_model_flags()
     except Exception as exc:  # model, data file, loss, shapes: one message naming the cause
         e.append(f"--model={FLAGS.model}" + (f" with --data_file={FLAGS.data_file}"
                                              if FLAGS.data_file else
                                              f" with --dataset={FLAGS.dataset}") + f": {exc}")
+        return e
+    app = sys.modules.get("__main__")
+    if problem.has_state and not getattr(app, "TRAINS_STATE", False):
+        e.append(f"--model={FLAGS.model} keeps BatchNorm statistics; this app does not train "
+                 "them yet (min_ratio and spectrum do): use a model without BatchNorm (e.g. "
+                 "--model_arg=norm=none)")
     return e
 
 
@@ -124,20 +131,26 @@ def problem_from_model_flags():
 _CACHED = None
 
 
+def data_digest() -> str | None:
+    """SHA-256 of the --data_file bytes (None without one): a file changed in place is
+    another run."""
+    import hashlib
+
+    if not FLAGS.data_file:
+        return None
+    h = hashlib.sha256()
+    with open(FLAGS.data_file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint(problem) -> dict:
     """What the model and data flags put in a run's fingerprint: the model and its
     hyperparameters, the data file and the SHA-256 of its bytes (a file changed in place is
     another run), the BatchNorm semantics the numbers were computed with ("none" for a model
     without state) and the evaluation batch size."""
-    import hashlib
-
-    digest = None
-    if FLAGS.data_file:
-        h = hashlib.sha256()
-        with open(FLAGS.data_file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+    digest = data_digest()
     return {"model": FLAGS.model, "model_args": sorted(FLAGS.model_arg),
             "data_file": FLAGS.data_file, "data_sha256": digest,
             "batchnorm": problem.batchnorm, "eval_batch_size": problem.eval_batch_size}

@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
-from experiments import common
+from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import landscape, store
 from crit.hessian import hvp_operator, symmetrize
 from crit.lanczos import extremal_eigenpairs

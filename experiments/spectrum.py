@@ -49,6 +49,7 @@ from experiments import common, model_flags
 from crit import store
 
 FLAGS = flags.FLAGS
+TRAINS_STATE = True  # trains BatchNorm statistics with the weights (experiments/model_flags)
 
 flags.DEFINE_string("out_dir", "runs/spectrum", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration in "

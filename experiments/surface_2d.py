@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
-from experiments import common
+from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import landscape, store
 from crit.critical import find_critical_point
 from crit.hessian import dense_hessian

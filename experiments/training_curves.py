@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import store
 from crit.critical import gradient_norm_descent, newton_critical_point
 from crit.train import cast_params, log_steps, make_optimizer, train, tree_norm

@@ -278,7 +278,9 @@ def test_input_sensitivity_linear():
     rng = np.random.default_rng(0)
     w, x = rng.normal(size=(3, 4)), rng.normal(size=(10, 4))
     run = jax.jit(ls.input_sensitivity, static_argnums=(0, 3))
-    np.testing.assert_allclose(run(lambda p, xn: p @ xn, w, x, 3), np.linalg.norm(w), rtol=1e-12)
+    # apply_fn takes a batch: each point arrives as a batch of one
+    np.testing.assert_allclose(run(lambda p, xb: xb @ p.T, w, x, 3), np.linalg.norm(w),
+                               rtol=1e-12)
     dense = nn.Dense(2)  # Flax kernel (d_in, d_out): y = xK, Jacobian Kᵀ
     p = {"params": {"kernel": rng.normal(size=(4, 2)), "bias": rng.normal(size=2)}}
     np.testing.assert_allclose(run(dense.apply, p, x, None), np.linalg.norm(p["params"]["kernel"]), rtol=1e-12)

@@ -132,3 +132,37 @@ def test_apps_that_build_their_own_mlps_refuse_model_flags(tmp_path):
     proc = run_app("index_vs_error", "--model=cnn", f"--out_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "model" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+CNN = ["--model=cnn", "--dataset=digits_images", "--model_arg=channels=(2,)",
+       "--model_arg=hidden=()", "--model_arg=kernel=3"]
+LANDSCAPE = {
+    "training_curves": (["--n_points=16", "--num_runs=2", "--train_steps=5", "--log_every=1",
+                         "--finder_steps=2"], "runs.csv"),
+    "surface_2d": (["--n_points=16", "--train_steps=5", "--record_every=5", "--finder_steps=2",
+                    "--grid=3"], "surface.npz"),
+    "sharpness": (["--n_points=64", "--batch_sizes=32,8", "--epochs=1", "--num_runs=1",
+                   "--sharpness_samples=2", "--ascent_steps=2"], "sharpness.csv"),
+    "interpolation": (["--n_points=200", "--epochs=1", "--small_batch=16", "--large_batch=64",
+                       "--num_runs=2", "--num_alphas=5", "--zoom_points=3",
+                       "--record_every=4"], "lines.csv"),
+}
+
+
+@pytest.mark.parametrize("app", sorted(LANDSCAPE))
+def test_landscape_apps_take_a_cnn(app, tmp_path):
+    args, data_file = LANDSCAPE[app]
+    out = tmp_path / app
+    run_app(app, *CNN, *args, f"--out_dir={out}")
+    assert (out / data_file).stat().st_size > 0
+    protocol = json.loads((out / "config.json").read_text())["protocol"]
+    assert protocol["model"] == "cnn"
+    assert protocol["model_arg"] == [a.split("=", 1)[1] for a in CNN[2:]]
+
+
+def test_apps_that_do_not_train_batchnorm_state_refuse_such_models(tmp_path):
+    out = tmp_path / "never"
+    proc = run_app("sharpness", "--model=resnet", "--dataset=digits_images",
+                   "--model_arg=depth=8", f"--out_dir={out}", check=False)
+    assert proc.returncode != 0 and "does not train them yet" in proc.stderr
+    assert not out.exists()
