@@ -288,8 +288,13 @@ def compute(problem, cfg, plan, mesh, out_dir: Path, todo: np.ndarray) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    validate()
+    # JAX's multi-controller runtime must start before anything touches a device, and
+    # validate() builds the model on shapes: cluster flags first, then the cluster, then the rest
+    cluster_problems = cluster.cluster_errors()
+    if cluster_problems:
+        raise app.UsageError("\n".join(cluster_problems))
     cluster.start_cluster()
+    validate()
     import jax
     from crit.parallel import local_mesh
     from crit.protocol import MemoryPlanError

@@ -1,17 +1,1 @@
-"""Shared pytest setup: slow checks are opt-in (``pytest --runslow``)."""
-
-import pytest
-
-
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+"""Shared pytest setup. Every test runs in CI: there are no opt-in tests."""
