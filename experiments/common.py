@@ -122,6 +122,18 @@ def problem_errors() -> list[str]:
     return e
 
 
+def reduced_nets_errors(activation: str) -> list[str]:
+    """Why --reduced_nets cannot embed a smaller net with this activation (empty if it can)."""
+    from crit.saddles import check_maskable
+
+    try:
+        check_maskable(activation)
+    except ValueError as exc:
+        return [f"--reduced_nets with --activation={activation}: {exc} (or pass "
+                "--noreduced_nets)"]
+    return []
+
+
 def finder_steps() -> int:
     if FLAGS.finder_steps is not None:
         return FLAGS.finder_steps

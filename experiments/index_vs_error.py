@@ -160,13 +160,7 @@ def validate() -> None:
             errors.append(f"--{name}={v}: must be a finite number "
                           f"{'>= 0' if name == 'eig_rtol' else '> 0'}")
     if FLAGS.reduced_nets:
-        from crit.saddles import check_maskable
-
-        try:
-            check_maskable(FLAGS.activation)
-        except ValueError as exc:
-            errors.append(f"--reduced_nets with --activation={FLAGS.activation}: {exc} (or pass "
-                          "--noreduced_nets)")
+        errors.extend(common.reduced_nets_errors(FLAGS.activation))
     out = Path(FLAGS.out_dir)
     if out.exists() and not out.is_dir():
         errors.append(f"--out_dir={out}: is a file, not a directory")

@@ -166,13 +166,7 @@ def validate() -> None:
     if not (math.isfinite(FLAGS.merge_rtol) and FLAGS.merge_rtol > 0):
         errors.append(f"--merge_rtol={FLAGS.merge_rtol}: must be a finite number > 0")
     if FLAGS.reduced_nets:
-        from crit.saddles import check_maskable
-
-        try:
-            check_maskable(FLAGS.activation)
-        except ValueError as exc:
-            errors.append(f"--reduced_nets with --activation={FLAGS.activation}: {exc} (or pass "
-                          "--noreduced_nets)")
+        errors.extend(common.reduced_nets_errors(FLAGS.activation))
     out = Path(FLAGS.out_dir)
     if out.exists() and not out.is_dir():
         errors.append(f"--out_dir={out}: is a file, not a directory")
