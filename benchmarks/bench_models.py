@@ -57,6 +57,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks.bench_hvp import timeit  # median and min of reps after a warm-up
 from jax.flatten_util import ravel_pytree
 
 import crit  # noqa: F401  (float64)
@@ -98,14 +100,6 @@ def make_data(model: str, n: int, data: str) -> Dataset:
     return synthetic_images(n)
 
 
-def timeit(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), float(np.min(times))
 
 
 def build(model, n, batch, data):
