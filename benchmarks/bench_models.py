@@ -57,11 +57,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from benchmarks.bench_hvp import timeit  # median and min of reps after a warm-up
 from jax.flatten_util import ravel_pytree
 
 import crit  # noqa: F401  (float64)
+from benchmarks.bench_hvp import timeit  # median and min of reps after a warm-up
 from crit.data import Dataset, digits_images_dataset
 from crit.hessian import hvp_operator
 from crit.problems import model_problem
