@@ -42,11 +42,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crit.lanczos import lanczos_tridiag, tridiag_eigh
+from crit.lanczos import (lanczos_advance, lanczos_start, lanczos_tridiag, tridiag_eigh)
 from crit.slq import SLQResult, SpectralFractions, slq_fractions
+from crit.verdict import MISS_PROBABILITY, Verdict, krylov_verdict
 
 Array = jax.Array
 EPS64 = float(np.finfo(np.float64).eps)
+
+
+#: τ / max|θ| of the grid at which every Krylov run reports its sign fractions (the spectral
+#: CDF near zero): half-decades from 1e-12 to 1e-1.
+REL_TOL_GRID = tuple(float(10.0 ** e) for e in np.arange(-12.0, -0.99, 0.5))
+#: Interval width below which a fraction counts as resolved (``resolved``, ``tol_mode``).
+RESOLVE_WIDTH = 0.05
+TOL_MODES = ("resolved", "machine")
 
 
 class KrylovSpectrum(NamedTuple):
@@ -87,29 +96,60 @@ class KrylovSpectrum(NamedTuple):
     smallest_residuals: Array
     smallest_converged: Array
     nodes: Array
-    """(num_probes, num_steps) SLQ Ritz values per probe (valid ones first, ascending)."""
+    """(num_probes, probe steps) SLQ Ritz values per probe (valid ones first, ascending)."""
     weights: Array
-    """(num_probes, num_steps) SLQ weights (squared first components); rows sum to 1."""
+    """(num_probes, probe steps) SLQ weights (squared first components); rows sum to 1."""
     node_residuals: Array
-    """(num_probes, num_steps) Ritz residual estimates of the SLQ nodes."""
+    """(num_probes, probe steps) Ritz residual estimates of the SLQ nodes."""
     node_valid: Array
-    """(num_probes, num_steps) bool, False for padding after a Lanczos breakdown."""
+    """(num_probes, probe steps) bool, False for padding (breakdown, or steps not taken)."""
     fractions: SpectralFractions
-    """Everything :func:`crit.slq.slq_fractions` returns (per-probe values, SEs, brackets)."""
+    """Everything :func:`crit.slq.slq_fractions` returns at ``tolerance``."""
     tolerance: Array
     r"""The :math:`\tau` used for the sign fractions."""
+    tolerance_rel: Array
+    r""":math:`\tau / \max|\theta|`."""
+    machine_tolerance: Array
+    r""":math:`n\,\epsilon\,\max|\theta|`, the dense path's default :math:`\tau`; also the
+    rounding allowance :math:`\delta` of the verdict."""
+    resolved: Array
+    """bool, the min-ratio and index intervals at ``tolerance`` are at most ``resolve_width``
+    wide. An unresolved point estimate must not be read as known."""
+    grid_tolerance: Array
+    """(G,) Tolerances of the sign-fraction grid, :data:`REL_TOL_GRID` times max|θ|."""
+    grid_fractions: SpectralFractions
+    """Sign fractions with intervals at every ``grid_tolerance`` (leading axis G): the
+    spectral CDF near zero, showing at which scale the answer becomes sharp."""
+    verdict: Verdict
+    """Saddle or minimum (:mod:`crit.verdict`), assuming the point is critical; see
+    :func:`crit.verdict.with_criticality`."""
+    escape_direction: Array
+    """(dim,) Unit smallest Ritz vector y; a direction of negative curvature when the verdict
+    proves one (:math:`y^\\top H y < 0`)."""
+    lambda_max_bound: Array
+    """Largest Ritz value plus its residual estimate (c of the missed-eigenvalue bound)."""
+    deflated: Array
+    """(2k,) Ritz values deflated before the SLQ runs (NaN: not deflated)."""
+    num_deflated: Array
+    slack: Array
+    r"""Weyl slack :math:`e = \lVert HY - Y\Theta\rVert_F` of the deflated pairs."""
+    probe_mass: Array
+    r"""(num_probes,) :math:`\lVert v_l\rVert^2` of the SLQ probes (1 without deflation)."""
+    probe_steps: Array
+    """Lanczos steps each SLQ run took (``num_steps`` unless adaptive)."""
     conv_tol: Array
     """Relative residual tolerance of the ``*_converged`` flags."""
     num_matvecs: Array
-    """Operator applications spent, ``(num_probes + 1) * num_steps``."""
+    """Operator applications spent in all."""
     dim: Array
     """The operator's size n."""
 
     @property
     def slq(self) -> SLQResult:
-        """The SLQ part as a :class:`crit.slq.SLQResult` (for densities and fractions)."""
+        """The SLQ part as a :class:`crit.slq.SLQResult` (for densities and fractions); with
+        deflation it carries the probe masses, deflated values and slack."""
         return SLQResult(self.nodes, self.weights, self.node_residuals, self.node_valid,
-                         self.dim)
+                         self.dim, self.probe_mass, self.deflated, self.slack)
 
 
 def krylov_tolerance(ritz_values: Array, dim: int, scale: float = 1.0) -> Array:
@@ -123,15 +163,21 @@ def krylov_tolerance(ritz_values: Array, dim: int, scale: float = 1.0) -> Array:
     return scale * dim * EPS64 * jnp.nanmax(jnp.abs(ritz_values))
 
 
+def _quadrature_of(alphas, betas, valid):
+    """Ritz values, first-component weights, residual estimates of one run's valid prefix."""
+    nodes, vectors = tridiag_eigh(alphas, betas, valid)
+    nv = jnp.sum(valid)
+    last = vectors[jnp.maximum(nv - 1, 0)]
+    weights = jnp.where(valid, vectors[0] ** 2, 0.0)
+    residuals = jnp.where(valid, jnp.abs(betas[jnp.maximum(nv - 1, 0)] * last), 0.0)
+    return nodes, weights, residuals, valid
+
+
 def _quadrature(matvec, v, num_steps, reorthogonalize):
     """Ritz values, first-component weights, residual estimates and validity of one run."""
     res = lanczos_tridiag(matvec, v, num_steps, reorthogonalize=reorthogonalize,
                           return_basis=False)
-    nodes, vectors = tridiag_eigh(res.alphas, res.betas, res.valid)
-    last = vectors[res.num_valid - 1]
-    weights = jnp.where(res.valid, vectors[0] ** 2, 0.0)
-    residuals = jnp.where(res.valid, jnp.abs(res.betas[res.num_valid - 1] * last), 0.0)
-    return nodes, weights, residuals, res.valid
+    return _quadrature_of(res.alphas, res.betas, res.valid)
 
 
 def _ends(nodes, residuals, valid, k, conv_tol):
@@ -150,12 +196,42 @@ def _ends(nodes, residuals, valid, k, conv_tol):
     return pick(nv - 1 - i, nv - 1 - i >= 0), pick(i, i < nv)
 
 
+def _extremal_vectors(res, vectors, k):
+    """Unit Ritz vectors of the k smallest (first, ascending) and k largest (descending)
+    Ritz values, and a mask that drops missing ones and repeats (when 2k > valid steps)."""
+    m = vectors.shape[0]
+    nv = res.num_valid
+    i = jnp.arange(k)
+    idx = jnp.concatenate([i, nv - 1 - i])
+    ok = jnp.concatenate([i < nv, (nv - 1 - i >= 0) & (nv - 1 - i >= k)])
+    idx = jnp.clip(idx, 0, m - 1)
+    ys = vectors[:, idx].T @ res.basis
+    ys = ys / jnp.maximum(jnp.linalg.norm(ys, axis=1, keepdims=True), 1e-300)
+    return jnp.where(ok[:, None], ys, 0.0), ok
+
+
+def _rayleigh(matvec, ys):
+    """Rayleigh quotients y'Hy and residual norms ||Hy - (y'Hy) y|| of unit rows ``ys``."""
+    hy = jax.vmap(matvec)(ys)
+    r = jnp.sum(ys * hy, axis=1)
+    return r, jnp.linalg.norm(hy - r[:, None] * ys, axis=1)
+
+
+def _sign_widths(fr: SpectralFractions) -> Array:
+    return jnp.maximum(fr.positive.hi - fr.positive.lo, fr.negative.hi - fr.negative.lo)
+
+
 def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
                     num_steps: int = 90, num_probes: int = 8, k: int = 5,
                     tol: Optional[float] = None, z: float = 2.0, tol_scale: float = 1.0,
+                    tol_mode: str = "resolved", resolve_width: float = RESOLVE_WIDTH,
+                    deflate: bool = True, deflate_tol: float = 1e-6,
+                    max_steps: Optional[int] = None, target_width: float = RESOLVE_WIDTH,
+                    target_tol: Optional[float] = None, target_rel_tol: float = 1e-4,
                     conv_tol: float = 1e-8, probe_batch: Optional[int] = None,
+                    miss_probability: float = MISS_PROBABILITY,
                     reorthogonalize: bool = True) -> KrylovSpectrum:
-    r"""Extremal eigenvalues and sign fractions (with intervals) of a symmetric operator.
+    r"""Extremal eigenvalues, a saddle verdict and sign fractions (with intervals).
 
     Parameters
     ----------
@@ -165,36 +241,54 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         :func:`crit.hessian.full_batch_hvp_operator`).
     key
         PRNG key. ``jax.random.split(key)`` gives ``(probe_key, start_key)``: the SLQ probes
-        are those of ``crit.slq.slq(matvec, probe_key, ...)``, the extremal run starts at a
-        normalized ``jax.random.normal(start_key, (dim,))``.
+        are those of ``crit.slq.slq(matvec, probe_key, ...)`` (projected when deflating), the
+        extremal run starts at a normalized ``jax.random.normal(start_key, (dim,))``.
     dim
         Static size n of the operator (P, the number of parameters).
     num_steps
-        Lanczos steps per run, m (Ghorbani et al. use ~90). Extremal eigenvalues converge at
-        a rate set by their gap relative to the spectral width; SLQ brackets shrink with m.
+        Lanczos steps of the extremal run, and of each SLQ run (per block when adaptive).
     num_probes
         SLQ probes n_v (>= 2 for an empirical standard error).
     k
-        Ritz values reported at each end (``1 <= k <= num_steps``).
+        Ritz values reported at each end (``1 <= k <= num_steps``); also the most pairs
+        deflated at each end.
     tol
-        Absolute eigenvalue tolerance :math:`\tau` for the fractions. ``None``:
-        :func:`krylov_tolerance`, :math:`\tau` = ``tol_scale`` :math:`\cdot n \epsilon
-        \max|\theta|`, the float64 numerical-rank tolerance that
-        :func:`crit.spectrum.default_tolerance` applies to exact eigenvalues, so that dense and
-        Krylov results are comparable.
+        Absolute eigenvalue tolerance :math:`\tau` for the fractions; overrides ``tol_mode``.
+    tol_mode
+        How :math:`\tau` is chosen when ``tol`` is None. ``"resolved"`` (default): the
+        smallest :math:`\tau` of the grid :data:`REL_TOL_GRID` :math:`\cdot \max|\theta|` at
+        which the min-ratio and index intervals are at most ``resolve_width`` wide (the
+        scale this run can answer at; the largest grid value if none is). ``"machine"``:
+        :math:`\tau` = ``tol_scale`` :math:`\cdot n\epsilon\max|\theta|`, the dense path's
+        default, to compare with exact counts (usually unresolved at large P).
     z
-        Standard errors added on each side of the bias bracket (see
-        :func:`crit.slq.slq_fractions`).
-    tol_scale
-        Multiplier of the default tolerance (ignored when ``tol`` is given).
+        Standard errors added on each side of the bias bracket.
+    deflate
+        Take the converged extremal Ritz pairs (residual :math:`\le` ``deflate_tol``
+        :math:`\cdot\max|\theta|`, at most k per end) out of the operator before the SLQ runs:
+        they run on :math:`\Pi H \Pi` with :math:`\Pi = I - YY^\top`, from probes
+        :math:`\Pi z/\sqrt n`. Outliers stretch the spectrum that m nodes must cover; without
+        them the quadrature resolves the bulk near zero more finely. The fractions then count
+        the deflated Ritz values exactly and the rest by SLQ, with thresholds widened by the
+        Weyl slack :math:`e = \lVert HY - Y\Theta\rVert_F` (every eigenvalue of H is within
+        e of one of :math:`\mathrm{diag}(\Theta, Y_\perp^\top H Y_\perp)`), so the intervals
+        stay rigorous. Costs 2k extra matvecs.
+    max_steps
+        Adaptive SLQ: continue the runs in blocks of ``num_steps`` (exact continuation, see
+        :func:`crit.lanczos.lanczos_advance`) until the min-ratio and index intervals at the
+        target :math:`\tau` are at most ``target_width`` wide, or ``max_steps`` steps per run
+        (rounded down to a multiple of ``num_steps``). None: one block.
+    target_tol, target_rel_tol
+        The target :math:`\tau` of the adaptive runs: ``tol`` if given, else ``target_tol``,
+        else ``target_rel_tol`` :math:`\cdot\max|\theta|`.
     conv_tol
         A Ritz value is ``converged`` when its residual estimate is at most ``conv_tol`` times
-        the largest :math:`|\theta|`; the eigenvalue then lies within that distance (and
-        within residual²/gap when isolated).
+        the largest :math:`|\theta|`.
     probe_batch
-        ``None``: all ``num_probes + 1`` runs at once (``vmap``; fastest). An integer b: runs
-        in sequential groups of b (``lax.map``), memory ``b * num_steps * dim`` floats --
-        for large ``dim``.
+        ``None``: all SLQ runs at once (``vmap``). An integer b: sequential groups of b
+        (``lax.map``), memory ``b * num_steps * dim`` floats. Not with ``max_steps``.
+    miss_probability
+        Probability at which the verdict states ``excluded_below`` (:mod:`crit.verdict`).
     reorthogonalize
         Full reorthogonalization in every run (default; without it ghost eigenvalues appear
         and the quadrature brackets are void).
@@ -205,50 +299,125 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
 
     Notes
     -----
-    The point estimate of the minimum ratio is the raw quadrature mass above :math:`\tau`
-    averaged over probes, :math:`\hat p = n_v^{-1} \sum_l \sum_i w_i^{(l)}
-    \mathbb{1}[\theta_i^{(l)} > \tau]`; :math:`\mathbb{E}_v \mu_v((\tau, \infty))` is the exact
-    fraction. The interval holds the exact value unless the sampling error exceeds ``z``
-    standard errors; its width is dominated by the weights of the Ritz values that bracket
-    :math:`\pm\tau` (which a bulk near zero makes large) and shrinks with ``num_steps``.
+    Order of work: one extremal Lanczos run from a Gaussian start (its basis kept), the
+    Rayleigh quotients and true residuals of its 2k extremal Ritz vectors (one matvec each;
+    only the smallest without deflation), the verdict (:func:`crit.verdict.krylov_verdict`),
+    then the SLQ runs. Cost: ``num_steps * (1 + num_probes * blocks) + (2k or 1)`` matvecs.
 
     What to expect: m Lanczos steps resolve the spectrum only to about
-    :math:`\lVert H \rVert / m^2` near its middle, so the *sign* of the many tiny eigenvalues
-    of a network Hessian's bulk is out of reach at the default :math:`\tau` (about
-    :math:`10^{-11} \lVert H \rVert`). Measured on an MLP with P = 5,260 (benchmarks/
-    bench_slq.py): at :math:`\tau = P \epsilon \lVert H \rVert` the point estimate was off by
-    0.2-0.35 and the interval was about [0.05, 0.95] (it did contain the exact value); at
-    :math:`\tau = 10^{-3} \lVert H \rVert` after training the error was below 0.01 and the
-    interval [0.06, 0.13]. Read the interval, not the point estimate, and pass a coarser
-    ``tol`` to ask a question SLQ can answer. The extremal eigenvalues, in contrast, are
-    exact to ~1e-15 relative once converged.
+    :math:`\lVert H \rVert / m^2` near its edges and :math:`\lVert H\rVert/m` inside, so the
+    sign of the many tiny eigenvalues of a network Hessian's bulk is out of reach at the
+    machine :math:`\tau` (about :math:`10^{-11} \lVert H \rVert`): its interval is honestly
+    wide. ``tol_mode="resolved"`` reports the fractions at the finest scale that is known,
+    ``grid_fractions`` at every scale, and the verdict does not need the bulk at all.
     """
     if not 1 <= k <= num_steps:
         raise ValueError(f"need 1 <= k <= num_steps, got k={k}, num_steps={num_steps}")
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    if tol_mode not in TOL_MODES:
+        raise ValueError(f"tol_mode must be one of {TOL_MODES}, got {tol_mode!r}")
+    blocks = 1 if max_steps is None else max(max_steps // num_steps, 1)
+    if blocks > 1 and probe_batch is not None:
+        raise ValueError("adaptive runs (max_steps > num_steps) take all probes at once; "
+                         "drop probe_batch")
     probe_key, start_key = jax.random.split(key)
     probes = jax.random.rademacher(probe_key, (num_probes, dim), dtype=jnp.float64)
     probes = probes / jnp.sqrt(dim)
     start = jax.random.normal(start_key, (dim,), dtype=jnp.float64)
-    starts = jnp.concatenate([(start / jnp.linalg.norm(start))[None], probes])
 
-    def run(v):
-        return _quadrature(matvec, v, num_steps, reorthogonalize)
+    # 1. The extremal run, its ends, and the Rayleigh quotients of its extremal Ritz vectors.
+    ext = lanczos_tridiag(matvec, start / jnp.linalg.norm(start), num_steps,
+                          reorthogonalize=reorthogonalize)
+    values, vectors = tridiag_eigh(ext.alphas, ext.betas, ext.valid)
+    e_nodes, _, e_res, e_valid = _quadrature_of(ext.alphas, ext.betas, ext.valid)
+    (top, top_rho, top_ok), (bot, bot_rho, bot_ok) = _ends(e_nodes, e_res, e_valid, k,
+                                                           conv_tol)
+    scale = jnp.max(jnp.where(e_valid, jnp.abs(e_nodes), 0.0))
+    ys, ys_ok = _extremal_vectors(ext, vectors, k)
+    rq, rq_res = _rayleigh(matvec, ys if deflate else ys[:1])
+    rounding = krylov_tolerance(jnp.where(e_valid, e_nodes, jnp.nan), dim)
+    c = top[0] + top_rho[0]
+    verdict = krylov_verdict(rq[0], rq_res[0], rounding, c, dim, ext.num_valid,
+                             miss_probability=miss_probability,
+                             exhausted=ext.num_valid < num_steps)
 
-    if probe_batch is None:
-        nodes, weights, residuals, valid = jax.vmap(run)(starts)
+    # 2. Deflation of the converged extremal pairs.
+    if deflate:
+        use = ys_ok & (rq_res <= deflate_tol * scale)
+        basis = jnp.where(use[:, None], ys, 0.0)
+        deflated = jnp.where(use, rq, jnp.nan)
+        slack = jnp.sqrt(jnp.sum(jnp.where(use, rq_res, 0.0) ** 2))
+
+        def project(v):
+            v = v - basis.T @ (basis @ v)
+            return v - basis.T @ (basis @ v)
+
+        def op(v):
+            return project(matvec(project(v)))
+
+        probes = jax.vmap(project)(probes)
     else:
-        nodes, weights, residuals, valid = jax.lax.map(run, starts, batch_size=probe_batch)
+        deflated, slack, op = jnp.full((2 * k,), jnp.nan), jnp.zeros(()), matvec
+    mass = jnp.sum(probes**2, axis=1)
 
-    (top, top_rho, top_ok), (bot, bot_rho, bot_ok) = _ends(
-        nodes[0], residuals[0], valid[0], k, conv_tol)
-    if tol is None:
-        tau = krylov_tolerance(jnp.where(valid, nodes, jnp.nan), dim, tol_scale)
+    def assemble(quad):
+        return SLQResult(*quad, jnp.asarray(dim), mass, deflated, slack)
+
+    # 3. SLQ, in one block or adaptively.
+    if tol is not None:
+        target = jnp.asarray(tol, jnp.float64)
+    elif target_tol is not None:
+        target = jnp.asarray(target_tol, jnp.float64)
     else:
+        target = target_rel_tol * scale
+    if blocks == 1:
+        def run(v):
+            return _quadrature(op, v, num_steps, reorthogonalize)
+
+        if probe_batch is None:
+            quad = jax.vmap(run)(probes)
+        else:
+            quad = jax.lax.map(run, probes, batch_size=probe_batch)
+    else:
+        total = blocks * num_steps
+        advance = jax.vmap(lambda s: lanczos_advance(op, s, num_steps,
+                                                     reorthogonalize=reorthogonalize))
+        states = jax.vmap(lambda v: lanczos_start(v, total))(probes)
+
+        def quad_of(st):
+            return jax.vmap(_quadrature_of)(st.alphas, st.betas, st.valid)
+
+        def sharp(st):
+            fr = slq_fractions(assemble(quad_of(st)), target, z=z)
+            return _sign_widths(fr) <= target_width
+
+        def cond(carry):
+            st, done = carry
+            return (~done) & (st.steps[0] < total)
+
+        def body(carry):
+            st = advance(carry[0])
+            return st, sharp(st)
+
+        states, _ = jax.lax.while_loop(cond, body, body((states, False)))
+        quad = quad_of(states)
+    result = assemble(quad)
+    probe_steps = jnp.asarray(num_steps) if blocks == 1 else jnp.max(states.steps)
+
+    # 4. Tolerances: the grid, the chosen τ, and the fractions there.
+    grid = jnp.asarray(REL_TOL_GRID) * scale
+    grid_fr = jax.vmap(lambda t: slq_fractions(result, t, z=z))(grid)
+    machine = krylov_tolerance(jnp.where(e_valid, e_nodes, jnp.nan), dim, tol_scale)
+    if tol is not None:
         tau = jnp.asarray(tol, dtype=jnp.float64)
-    result = SLQResult(nodes[1:], weights[1:], residuals[1:], valid[1:], jnp.asarray(dim))
+    elif tol_mode == "machine":
+        tau = machine
+    else:
+        ok = _sign_widths(grid_fr) <= resolve_width
+        tau = jnp.where(jnp.any(ok), grid[jnp.argmax(ok)], grid[-1])
     fr = slq_fractions(result, tau, z=z)
+    extra = 2 * k if deflate else 1
     return KrylovSpectrum(
         min_ratio=fr.positive.mean, min_ratio_lo=fr.positive.lo, min_ratio_hi=fr.positive.hi,
         index=fr.negative.mean, index_lo=fr.negative.lo, index_hi=fr.negative.hi,
@@ -259,5 +428,10 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         smallest=bot, smallest_residuals=bot_rho, smallest_converged=bot_ok,
         nodes=result.nodes, weights=result.weights, node_residuals=result.residuals,
         node_valid=result.valid, fractions=fr, tolerance=tau,
-        conv_tol=jnp.asarray(conv_tol, dtype=jnp.float64),
-        num_matvecs=jnp.asarray((num_probes + 1) * num_steps), dim=jnp.asarray(dim))
+        tolerance_rel=tau / jnp.where(scale > 0, scale, 1.0), machine_tolerance=machine,
+        resolved=_sign_widths(fr) <= resolve_width, grid_tolerance=grid,
+        grid_fractions=grid_fr, verdict=verdict, escape_direction=ys[0],
+        lambda_max_bound=c, deflated=deflated,
+        num_deflated=jnp.sum(~jnp.isnan(deflated)), slack=slack, probe_mass=mass,
+        probe_steps=probe_steps, conv_tol=jnp.asarray(conv_tol, dtype=jnp.float64),
+        num_matvecs=num_steps + extra + num_probes * probe_steps, dim=jnp.asarray(dim))

@@ -131,22 +131,66 @@ def lanczos_tridiag(
     quadrature weights only through the coupling :math:`\beta`. Without
     reorthogonalization that noise is not removed and ghosts follow.
     """
+    state = lanczos_start(v0, num_steps, keep_basis=reorthogonalize or return_basis)
+    state = lanczos_advance(matvec, state, num_steps, reorthogonalize=reorthogonalize,
+                            breakdown_tol=breakdown_tol)
+    return lanczos_result(state, return_basis=return_basis)
+
+
+class LanczosState(NamedTuple):
+    """A Lanczos run that can be continued: :func:`lanczos_start`, then
+    :func:`lanczos_advance` as often as wanted (up to ``max_steps`` in all), then
+    :func:`lanczos_result` or :func:`lanczos_prefix` for the tridiagonal so far."""
+
+    q: Array
+    """(n,) The next Lanczos vector q_j."""
+    q_prev: Array
+    beta_prev: Array
+    basis: Optional[Array]
+    """(max_steps, n) Lanczos vectors as rows; zero past ``steps`` (None without a basis)."""
+    residual: Array
+    active: Array
+    """bool, no breakdown yet."""
+    scale: Array
+    """Running max of ||A q_i||."""
+    alphas: Array
+    """(max_steps,) zero past ``steps`` and after a breakdown."""
+    betas: Array
+    valid: Array
+    """(max_steps,) bool, steps taken before breakdown."""
+    steps: Array
+    """() int, steps taken so far (matvecs spent)."""
+
+
+def lanczos_start(v0: Array, max_steps: int, *, keep_basis: bool = True) -> LanczosState:
+    """The state before the first step from ``v0`` (normalized here), room for ``max_steps``."""
     v0 = jnp.asarray(v0, dtype=jnp.float64)
     (n,) = v0.shape
-    keep_basis = reorthogonalize or return_basis
     zeros = jnp.zeros_like(v0)
-    init = (
-        v0 / jnp.linalg.norm(v0),  # q_j
-        zeros,  # q_{j-1}
-        jnp.zeros(()),  # beta_{j-1}
-        jnp.zeros((num_steps, n)) if keep_basis else None,
-        zeros,  # residual of the last valid step
-        jnp.ones((), dtype=bool),  # still active (no breakdown yet)
-        jnp.zeros(()),  # running max ||A q_i||
-    )
+    return LanczosState(
+        q=v0 / jnp.linalg.norm(v0), q_prev=zeros, beta_prev=jnp.zeros(()),
+        basis=jnp.zeros((max_steps, n)) if keep_basis else None, residual=zeros,
+        active=jnp.ones((), dtype=bool), scale=jnp.zeros(()),
+        alphas=jnp.zeros(max_steps), betas=jnp.zeros(max_steps),
+        valid=jnp.zeros(max_steps, dtype=bool), steps=jnp.zeros((), dtype=jnp.int32))
 
-    def step(state, j):
-        q, q_prev, beta_prev, basis, residual, active, scale = state
+
+def lanczos_advance(matvec: Matvec, state: LanczosState, num_steps: int, *,
+                    reorthogonalize: bool = True,
+                    breakdown_tol: float = BREAKDOWN_TOL) -> LanczosState:
+    """``num_steps`` (static) more Lanczos steps; see :func:`lanczos_tridiag` for one step.
+
+    Continuing is exact: ``advance(advance(start, a), b)`` equals ``advance(start, a + b)``
+    (same operations in the same order), so a run can stop once an answer is sharp enough
+    and resume otherwise. Steps past the state's ``max_steps`` are refused by shape.
+    """
+    keep_basis = state.basis is not None
+    if reorthogonalize and not keep_basis:
+        raise ValueError("reorthogonalization needs the basis: lanczos_start(keep_basis=True)")
+
+    def step(carry, _):
+        (q, q_prev, beta_prev, basis, residual, active, scale, alphas, betas, valid,
+         j) = carry
         if keep_basis:
             basis = basis.at[j].set(q)
         aq = matvec(q)
@@ -161,13 +205,20 @@ def lanczos_tridiag(
         go_on = active & (beta > breakdown_tol * scale)
         q_next = jnp.where(go_on, w / jnp.where(go_on, beta, 1.0), 0.0)
         residual = jnp.where(active, w, residual)
-        out = (jnp.where(active, alpha, 0.0), jnp.where(active, beta, 0.0), active)
-        new = (q_next, q, jnp.where(go_on, beta, 0.0), basis, residual, go_on, scale)
-        return new, out
+        alphas = alphas.at[j].set(jnp.where(active, alpha, 0.0))
+        betas = betas.at[j].set(jnp.where(active, beta, 0.0))
+        valid = valid.at[j].set(active)
+        return (q_next, q, jnp.where(go_on, beta, 0.0), basis, residual, go_on, scale,
+                alphas, betas, valid, j + 1), None
 
-    final, (alphas, betas, valid) = jax.lax.scan(step, init, jnp.arange(num_steps))
-    basis = final[3] if return_basis else None
-    return LanczosResult(alphas, betas, basis, final[4], valid, jnp.sum(valid))
+    carry, _ = jax.lax.scan(step, tuple(state), None, length=num_steps)
+    return LanczosState(*carry)
+
+
+def lanczos_result(state: LanczosState, *, return_basis: bool = True) -> LanczosResult:
+    """The :class:`LanczosResult` of a (possibly continued) run of ``max_steps`` steps."""
+    return LanczosResult(state.alphas, state.betas, state.basis if return_basis else None,
+                         state.residual, state.valid, jnp.sum(state.valid))
 
 
 def tridiag_eigh(

@@ -41,16 +41,20 @@ def wants_log_axis(values: np.ndarray) -> bool:
 
 def min_ratio_figure(loss: np.ndarray, min_ratio: np.ndarray, status: Sequence[str],
                      out_dir: str | Path, title: str = "", tolerance_note: str = "",
-                     stem: str = "min_ratio", ratio_lo=None, ratio_hi=None) -> list[Path]:
+                     stem: str = "min_ratio", ratio_lo=None, ratio_hi=None,
+                     resolved=None) -> list[Path]:
     """Minimum ratio (#λ>τ / P) against the loss, one marker and colour per status.
 
     Every run is drawn; the legend counts each status, so nothing is hidden. Non-finite losses
     (diverged runs) are listed in the legend but cannot be placed on the axes. With
-    ``ratio_lo``/``ratio_hi`` (SLQ intervals) each point gets a vertical error bar.
+    ``ratio_lo``/``ratio_hi`` (SLQ intervals) each point gets a vertical error bar. With
+    ``resolved`` (bool per point) an unresolved point (interval too wide to read its estimate)
+    is drawn as a hollow marker, its bar kept, and counted in the legend.
     """
     loss = np.asarray(loss, dtype=float)
     min_ratio = np.asarray(min_ratio, dtype=float)
     status = np.asarray(status)
+    known = np.ones(len(status), bool) if resolved is None else np.asarray(resolved, bool)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for name in STATUSES:
         sel = status == name
@@ -60,13 +64,20 @@ def min_ratio_figure(loss: np.ndarray, min_ratio: np.ndarray, status: Sequence[s
         label = f"{name} ({int(sel.sum())})"
         if finite.sum() < sel.sum():
             label += f", {int(sel.sum() - finite.sum())} off-axis"
-        ax.scatter(loss[finite], min_ratio[finite], s=22, alpha=0.8, label=label,
-                   **STATUS_STYLE[name])
+        if (sel & ~known).any():
+            label += f", {int((sel & ~known).sum())} unresolved (hollow)"
+        style = STATUS_STYLE[name]
+        ax.scatter(loss[finite & known], min_ratio[finite & known], s=22, alpha=0.8,
+                   label=label, **style)
+        if (finite & ~known).any():
+            hollow = {k: v for k, v in style.items() if k != "color"}
+            ax.scatter(loss[finite & ~known], min_ratio[finite & ~known], s=22, alpha=0.6,
+                       facecolors="none", edgecolors=style["color"], **hollow)
         if ratio_lo is not None and ratio_hi is not None:
             lo, hi = np.asarray(ratio_lo)[finite], np.asarray(ratio_hi)[finite]
             ax.errorbar(loss[finite], min_ratio[finite],
                         yerr=[min_ratio[finite] - lo, hi - min_ratio[finite]], fmt="none",
-                        ecolor=STATUS_STYLE[name]["color"], alpha=0.5, lw=0.8)
+                        ecolor=style["color"], alpha=0.5, lw=0.8)
     if wants_log_axis(loss):
         ax.set_xscale("log")
     ax.set_xlabel("training loss at the point")

@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crit.critical import certify, find_critical_point
+from crit.critical import CRITICAL, certify, find_critical_point
 from crit.hessian import dense_hessian
 from crit.problems import Problem
 from crit.spectrum import classify_spectrum
 from crit.train import cast_params, make_optimizer, train, train_model
+from crit.verdict import dense_verdict, with_criticality
 
 
 class ProtocolConfig(NamedTuple):
@@ -52,6 +53,11 @@ class ProtocolConfig(NamedTuple):
     vmap_width: int = 10            # inits vmapped together inside a chunk (see make_chunk_fn)
     spectrum_dtype: str = "float64"  # finder + Hessian + eigvalsh (dense); "float32" for TPUs
     batch_size: int = 0             # training rows per step (0: full batch)
+    krylov_tol: str = "resolved"    # τ of Krylov fractions: "resolved" or "machine" (crit.krylov)
+    deflate: bool = True            # deflate converged extremal pairs before SLQ (Krylov)
+    probe_max_steps: int = 0        # adaptive SLQ up to this many steps per run (0: one block)
+    target_rel_tol: float = 1e-4    # adaptive runs stop when sharp at τ = this·max|θ| ...
+    resolve_width: float = 0.05     # ... i.e. intervals at most this wide (also: "resolved")
 
 
 class InitRecord(NamedTuple):
@@ -75,6 +81,9 @@ class InitRecord(NamedTuple):
     lambda_min: jax.Array
     lambda_max: jax.Array
     tolerance: jax.Array
+    verdict: jax.Array
+    negative_proven: jax.Array
+    lambda_min_bound: jax.Array
     eigenvalues: jax.Array         # (P,) ascending, raw
     curve_loss: jax.Array          # training loss every log_every steps
     curve_grad_norm: jax.Array     # training gradient norm every log_every steps
@@ -112,6 +121,14 @@ class KrylovInitRecord(NamedTuple):
     lambda_min_converged: jax.Array
     lambda_max_converged: jax.Array
     tolerance: jax.Array
+    tolerance_rel: jax.Array
+    resolved: jax.Array
+    verdict: jax.Array
+    negative_proven: jax.Array
+    lambda_min_bound: jax.Array
+    ritz_min_residual: jax.Array
+    negative_excluded_below: jax.Array
+    num_deflated: jax.Array
     num_matvecs: jax.Array
     ritz_largest: jax.Array
     ritz_smallest: jax.Array
@@ -192,6 +209,7 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
     # is emulated), so a float32 run never certifies a point float32 rounding only made look flat
     cert = certify(problem.bind_state(state), cast_params(found.params, jnp.float64),
                    jnp.max(jnp.abs(eigenvalues)), cfg.grad_tol, cfg.flat_tol)
+    verdict = dense_verdict(eigenvalues, summary.tolerance, cert.status == CRITICAL)
     return InitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
@@ -203,7 +221,9 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
         null_fraction=summary.null_fraction.astype(jnp.float64),
         nonnull_ratio=summary.nonnull_ratio.astype(jnp.float64),
         lambda_min=summary.lambda_min, lambda_max=summary.lambda_max,
-        tolerance=summary.tolerance, eigenvalues=eigenvalues,
+        tolerance=summary.tolerance, verdict=verdict.code,
+        negative_proven=verdict.negative_proven, lambda_min_bound=verdict.lambda_min_bound,
+        eigenvalues=eigenvalues,
         curve_loss=log.loss.astype(jnp.float64),
         curve_grad_norm=log.grad_norm.astype(jnp.float64),
         finder_history=found.history.astype(jnp.float64))
@@ -233,6 +253,18 @@ def hessian_operator(problem: Problem, cfg: ProtocolConfig, params, state=None):
     return hvp_operator(problem.bind_state(state), params)
 
 
+KRYLOV_K = 5  # Ritz pairs per end: reported, Rayleigh-checked, deflated
+
+
+def krylov_kwargs(cfg: ProtocolConfig) -> dict:
+    """The :func:`crit.krylov.krylov_spectrum` options of a protocol."""
+    return dict(num_steps=cfg.lanczos_steps, num_probes=cfg.slq_probes,
+                k=min(KRYLOV_K, cfg.lanczos_steps), tol=cfg.eig_tol, tol_mode=cfg.krylov_tol,
+                deflate=cfg.deflate, resolve_width=cfg.resolve_width,
+                target_width=cfg.resolve_width, target_rel_tol=cfg.target_rel_tol,
+                max_steps=cfg.probe_max_steps or None)
+
+
 def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> KrylovInitRecord:
     """The protocol with HVPs only: Newton-MR (or gradient-norm descent), then Lanczos + SLQ."""
     from crit.krylov import krylov_spectrum
@@ -249,10 +281,10 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
                                     **finder_kwargs(cfg))
     _, matvec = hessian_operator(problem, cfg, found.params, state)
     spec = krylov_spectrum(matvec, jax.random.fold_in(init_key(cfg.seed, init_id), 1),
-                           problem.n_params, num_steps=cfg.lanczos_steps,
-                           num_probes=cfg.slq_probes, tol=cfg.eig_tol)
+                           problem.n_params, **krylov_kwargs(cfg))
     norm = jnp.maximum(jnp.abs(spec.lambda_min), jnp.abs(spec.lambda_max))
     cert = certify(loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
+    verdict = with_criticality(spec.verdict, cert.status == CRITICAL)
     return KrylovInitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
@@ -265,6 +297,10 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
         lambda_min=spec.lambda_min, lambda_max=spec.lambda_max,
         lambda_min_converged=spec.lambda_min_converged,
         lambda_max_converged=spec.lambda_max_converged, tolerance=spec.tolerance,
+        tolerance_rel=spec.tolerance_rel, resolved=spec.resolved, verdict=verdict.code,
+        negative_proven=verdict.negative_proven, lambda_min_bound=verdict.lambda_min_bound,
+        ritz_min_residual=verdict.ritz_residual,
+        negative_excluded_below=verdict.excluded_below, num_deflated=spec.num_deflated,
         num_matvecs=spec.num_matvecs, ritz_largest=spec.largest, ritz_smallest=spec.smallest,
         slq_nodes=spec.nodes, slq_weights=spec.weights,
         curve_loss=log.loss.astype(jnp.float64),
@@ -354,8 +390,9 @@ def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None)
         # Lanczos bases of all runs plus the activations of a few HVPs
         if cfg.hvp_batch_size:
             rows = min(rows, cfg.hvp_batch_size)
-        return int(8 * ((cfg.slq_probes + 1) * cfg.lanczos_steps * p + 3 * rows * act
-                        + 12 * p))
+        steps = max(cfg.lanczos_steps, cfg.probe_max_steps)
+        return int(8 * ((cfg.slq_probes * steps + 3 * cfg.lanczos_steps) * p
+                        + 3 * rows * act + 12 * p))
     from crit.hessian import default_hessian_block
 
     tangents = min(p, default_hessian_block())  # dense_hessian pushes this many columns at once
@@ -367,7 +404,8 @@ def estimate_bytes_per_record(problem: Problem, cfg: ProtocolConfig) -> int:
     weights, curves, finder history and ~30 scalars), in float64."""
     curves = 2 * (cfg.train_steps // max(cfg.log_every, 1) + 1) + cfg.finder_steps + 1
     if cfg.hessian == "lanczos":
-        spectrum = 2 * cfg.slq_probes * cfg.lanczos_steps + 2 * cfg.lanczos_steps
+        steps = max(cfg.lanczos_steps, cfg.probe_max_steps)
+        spectrum = 2 * cfg.slq_probes * steps + 2 * cfg.lanczos_steps
     else:
         spectrum = problem.n_params
     return int(8 * (spectrum + curves + 32))

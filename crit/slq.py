@@ -43,6 +43,15 @@ class SLQResult(NamedTuple):
     """bool, False for the padding after a Lanczos breakdown (see ``lanczos_tridiag``)."""
     dim: Array
     """() The operator's size :math:`n` (for the sampling-variance bound)."""
+    mass: Optional[Array] = None
+    r"""(n_v,) Probe masses :math:`\lVert v_l\rVert^2` (None: unit probes). A deflated run
+    (:func:`crit.krylov.krylov_spectrum`) uses :math:`v_l = \Pi z_l/\sqrt n`, whose mass is
+    :math:`\lVert \Pi z_l\rVert^2/n < 1`; its normalized quadrature is scaled by it."""
+    deflated: Optional[Array] = None
+    """(k,) Eigenvalue estimates taken out before the runs (deflated Ritz values; NaN: none)."""
+    slack: Optional[Array] = None
+    r"""Weyl slack :math:`e`: every eigenvalue of the operator is within :math:`e` of one of
+    ``deflated`` or of the deflated operator's (``None``: 0)."""
 
 
 def slq(
@@ -213,8 +222,12 @@ def _mass_below(theta, w, rho, valid, t):
     return jnp.maximum(cms, best)
 
 
-def _probe_bounds(nodes, weights, residuals, valid, tol):
-    """Per-probe (lo, hi) for the positive, negative, null masses; see ``slq_fractions``."""
+def _probe_bounds(nodes, weights, residuals, valid, tol, slack=0.0):
+    """Per-probe (lo, hi) for the positive, negative, null masses; see ``slq_fractions``.
+
+    With ``slack`` e > 0 the lower bounds are taken at thresholds moved outwards by e and the
+    upper bounds at thresholds moved inwards (Weyl: each eigenvalue may move by e).
+    """
     m = nodes.shape[0]
     theta = jnp.where(valid, nodes, jnp.inf)  # ascending over all m slots
     w = jnp.where(valid, weights, 0.0)
@@ -224,16 +237,32 @@ def _probe_bounds(nodes, weights, residuals, valid, tol):
     below = lambda t: _mass_below(theta, w, rho, valid, t)  # noqa: E731
     # mu(t, inf) for A is mu(-inf, -t) for -A, whose nodes are -theta reversed.
     above = lambda t: _mass_below(-theta[::-1], w[::-1], rho[::-1], valid[::-1], -t)  # noqa
-    pos_lo, neg_lo = above(tol), below(-tol)
-    pos_hi, neg_hi = total - below(tol), total - above(-tol)
+    pos_lo, neg_lo = above(tol + slack), below(-tol - slack)
+    pos_hi, neg_hi = total - below(tol - slack), total - above(-tol + slack)
+    inner = tol - slack
     prev, nxt = _neighbours(theta)
     gap = jnp.minimum(theta - prev, nxt - theta) / 2
-    delta = jnp.minimum(jnp.minimum(theta + tol, tol - theta), gap)
-    direct = jnp.sum(_localized(theta, w, rho, valid & (jnp.abs(theta) < tol), delta))
+    delta = jnp.minimum(jnp.minimum(theta + inner, inner - theta), gap)
+    direct = jnp.sum(_localized(theta, w, rho, valid & (jnp.abs(theta) < inner), delta))
     null_lo = jnp.maximum(total - pos_hi - neg_hi, direct)
     null_hi = total - pos_lo - neg_lo
     clip = lambda x: jnp.clip(x, 0.0, 1.0)  # noqa: E731
     return tuple(map(clip, (pos_lo, pos_hi, neg_lo, neg_hi, null_lo, null_hi)))
+
+
+def _deflated_counts(deflated, tol, slack):
+    """(point, lo, hi) counts of the deflated values that are positive, negative, null."""
+    if deflated is None:
+        zero = jnp.zeros((), jnp.int32)
+        return ((zero,) * 3,) * 3
+    d = jnp.where(jnp.isnan(deflated), 0.0, deflated)
+    used = ~jnp.isnan(deflated)
+    count = lambda sel: jnp.sum(used & sel)  # noqa: E731
+    k = jnp.sum(used)
+    pos = (count(d > tol), count(d > tol + slack), count(d > tol - slack))
+    neg = (count(d < -tol), count(d < -tol - slack), count(d < -tol + slack))
+    null = (k - pos[0] - neg[0], k - pos[2] - neg[2], k - pos[1] - neg[1])
+    return pos, neg, null
 
 
 def slq_fractions(result: SLQResult, tol: float, *, z: float = 2.0) -> SpectralFractions:
@@ -302,25 +331,32 @@ def slq_fractions(result: SLQResult, tol: float, *, z: float = 2.0) -> SpectralF
     null node converges) and is exact after a breakdown; the SE shrinks like
     :math:`n_v^{-1/2}`. Near-duplicate nodes (no reorthogonalization) void CMS.
     """
-    bounds = jax.vmap(_probe_bounds, in_axes=(0, 0, 0, 0, None))(
-        result.nodes, result.weights, result.residuals, result.valid, tol
+    slack = 0.0 if result.slack is None else result.slack
+    bounds = jax.vmap(_probe_bounds, in_axes=(0, 0, 0, 0, None, None))(
+        result.nodes, result.weights, result.residuals, result.valid, tol, slack
     )
     w, theta = result.weights, result.nodes
+    mass = jnp.ones(theta.shape[0]) if result.mass is None else result.mass
     raws = (
         jnp.sum(jnp.where(theta > tol, w, 0.0), axis=1),
         jnp.sum(jnp.where(theta < -tol, w, 0.0), axis=1),
         jnp.sum(jnp.where(jnp.abs(theta) <= tol, w, 0.0), axis=1),
     )
+    counts = _deflated_counts(result.deflated, tol, slack)
     num_probes = result.nodes.shape[0]
     estimates = []
     for i, p in enumerate(raws):
+        p = mass * p
         se = jnp.std(p, ddof=1) / jnp.sqrt(num_probes) if num_probes > 1 else jnp.nan
-        a, b = bounds[2 * i], bounds[2 * i + 1]
+        a, b = mass * bounds[2 * i], mass * bounds[2 * i + 1]
         b_lo, b_hi = jnp.mean(a), jnp.mean(b)
         f_max = jnp.clip(jnp.minimum(b_hi, 1.0 - b_lo), 0.0, 0.5)
         se_bound = jnp.sqrt(2.0 * f_max / (result.dim * num_probes))
         se_used = jnp.fmax(se, se_bound)  # fmax ignores the NaN of a single probe
+        (c_mid, c_lo, c_hi), n = counts[i], result.dim
+        b_lo, b_hi = b_lo + c_lo / n, b_hi + c_hi / n
         lo = jnp.clip(b_lo - z * se_used, 0.0, 1.0)
         hi = jnp.clip(b_hi + z * se_used, 0.0, 1.0)
-        estimates.append(FractionEstimate(p, jnp.mean(p), se, se_bound, a, b, b_lo, b_hi, lo, hi))
+        estimates.append(FractionEstimate(p, jnp.mean(p) + c_mid / n, se, se_bound, a, b, b_lo,
+                                          b_hi, lo, hi))
     return SpectralFractions(*estimates, jnp.asarray(tol), jnp.asarray(z))

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import cluster, common, model_flags
+from experiments import cluster, common, krylov_flags, model_flags
 from crit import plots, store
 from crit.critical import STATUSES
 from crit.spectrum import classify_spectrum
+from crit.verdict import VERDICT_TEXT, VERDICTS, verdict_names
 from crit.protocol import ProtocolConfig, make_chunk_fn, run_chunk
 
 FLAGS = flags.FLAGS
@@ -64,25 +65,32 @@ flags.DEFINE_float("memory_gb", 0.0, "Memory one device may use, in GiB (0: what
 flags.DEFINE_integer("hvp_batch_size", 0, "Data rows per HVP batch (0: all at once); the "
                      "full-data HVP is Σ_b (n_b/N)·HVP_b (--hessian=lanczos).")
 
-CSV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "n_pos", "n_neg", "n_null",
-               "min_ratio", "index", "null_fraction", "nonnull_ratio", "lambda_min",
-               "lambda_max", "tolerance", "finder_iterations", "flatness", "train_loss",
-               "train_grad_norm")
-# With --hessian=lanczos the fractions are SLQ estimates with intervals.
+CSV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params", "n_pos", "n_neg",
+               "n_null", "min_ratio", "index", "null_fraction", "nonnull_ratio", "lambda_min",
+               "lambda_max", "negative_proven", "lambda_min_bound", "tolerance",
+               "finder_iterations", "flatness", "train_loss", "train_grad_norm")
 # With --hessian=lanczos the fractions are SLQ estimates: their columns end in _est, next to
-# their intervals [_lo, _hi]. No integer counts: those exist only for dense spectra.
+# their intervals [_lo, _hi], at τ = tolerance (tolerance_rel·max|θ|); `resolved` says whether
+# the min-ratio and index intervals are at most --resolve_width wide. No integer counts: those
+# exist only for dense spectra. The verdict columns (crit.verdict) are proofs, not estimates:
+# lambda_min_bound is a certified upper bound on λ_min, negative_excluded_below the level η
+# below which an eigenvalue would have been found with probability >= 99%.
 ESTIMATED = ("min_ratio", "index", "null_fraction")
-KRYLOV_COLUMNS = ("init_id", "status", "loss", "grad_norm", "n_params", "min_ratio_est",
-                  "min_ratio_lo", "min_ratio_hi", "index_est", "index_lo", "index_hi",
-                  "null_fraction_est", "null_fraction_lo", "null_fraction_hi", "lambda_min",
-                  "lambda_max", "lambda_min_converged", "lambda_max_converged", "tolerance",
-                  "finder_iterations", "num_matvecs", "flatness", "train_loss",
-                  "train_grad_norm")
+KRYLOV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params",
+                  "negative_proven", "lambda_min_bound", "ritz_min_residual",
+                  "negative_excluded_below", "min_ratio_est", "min_ratio_lo", "min_ratio_hi",
+                  "index_est", "index_lo", "index_hi", "null_fraction_est", "null_fraction_lo",
+                  "null_fraction_hi", "resolved", "tolerance", "tolerance_rel", "lambda_min",
+                  "lambda_max", "lambda_min_converged", "lambda_max_converged",
+                  "num_deflated", "finder_iterations", "num_matvecs", "flatness",
+                  "train_loss", "train_grad_norm")
 
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
-    errors = common.problem_errors() + cluster.cluster_errors()
+    errors = (common.problem_errors() + cluster.cluster_errors()
+              + krylov_flags.krylov_errors(FLAGS.lanczos_steps, FLAGS.slq_probes,
+                                           min(krylov_flags.EXTREMAL_K, FLAGS.lanczos_steps)))
     if FLAGS.num_inits < 1:
         errors.append(f"--num_inits={FLAGS.num_inits}: must be >= 1")
     for name in ("dense_max_params", "lanczos_steps", "slq_probes", "minres_iters"):
@@ -125,7 +133,11 @@ def protocol_config(n_params: int, vmap_width: int) -> ProtocolConfig:
         train_dtype=FLAGS.train_dtype, finder=FLAGS.finder, finder_steps=common.finder_steps(),
         finder_lr=FLAGS.finder_lr, grad_tol=FLAGS.grad_tol, flat_tol=FLAGS.flat_tol,
         eig_tol=FLAGS.eig_tol, vmap_width=vmap_width, spectrum_dtype=FLAGS.spectrum_dtype,
-        batch_size=FLAGS.batch_size)
+        batch_size=FLAGS.batch_size, krylov_tol=FLAGS.krylov_tol, deflate=FLAGS.deflate,
+        probe_max_steps=krylov_flags.probe_max_steps(
+            FLAGS.lanczos_steps, FLAGS.slq_probes,
+            min(krylov_flags.EXTREMAL_K, FLAGS.lanczos_steps)),
+        target_rel_tol=FLAGS.target_rel_tol, resolve_width=FLAGS.resolve_width)
 
 
 def default_vmap_width() -> int:
@@ -190,6 +202,7 @@ def run_config(cfg: ProtocolConfig, problem) -> dict:
     return {"experiment": "min_ratio", "protocol": protocol,
             "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
             | {f.name: f.value for f in FLAGS.get_flags_for_module(common)}
+            | {f.name: f.value for f in FLAGS.get_flags_for_module(krylov_flags)}
             | {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)},
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "phi": problem.phi, "environment": common.environment()}
@@ -203,6 +216,7 @@ def assemble(out_dir: Path, records: dict, n_params: int, log_steps) -> None:
     columns = {c: records[c.removesuffix("_est")] for c in names
                if c.removesuffix("_est") in records}
     columns["status"] = status
+    columns["verdict"] = verdict_names(records["verdict"])
     columns["n_params"] = np.full(len(status), n_params)
     store.write_csv(out_dir / "results.csv", {c: columns[c] for c in names})
     if krylov:
@@ -212,7 +226,8 @@ def assemble(out_dir: Path, records: dict, n_params: int, log_steps) -> None:
         spectra = {"eigenvalues": records["eigenvalues"]}
     store.atomic_save_npz(out_dir / "spectra.npz", {
         "init_id": records["init_id"], **spectra,
-        "tolerance": records["tolerance"], "status": status.astype("U16")})
+        "tolerance": records["tolerance"], "status": status.astype("U16"),
+        "verdict": verdict_names(records["verdict"]).astype("U20")})
     store.atomic_save_npz(out_dir / "curves.npz", {
         "init_id": records["init_id"], "train_step": np.asarray(log_steps),
         "train_loss": records["curve_loss"], "train_grad_norm": records["curve_grad_norm"],
@@ -224,9 +239,19 @@ def summarize(records: dict) -> str:
     from scipy.stats import spearmanr
 
     status = np.array([STATUSES[s] for s in records["status"]])
+    verdict = verdict_names(records["verdict"])
     lines = [f"{len(status)} inits: " + ", ".join(f"{s} {int((status == s).sum())}"
-                                                  for s in STATUSES)]
+                                                  for s in STATUSES),
+             "  verdicts: " + ", ".join(f"{VERDICT_TEXT[v]} {int((verdict == v).sum())}"
+                                        for v in VERDICTS if (verdict == v).any())]
+    krylov = "eigenvalues" not in records
+    resolved = records["resolved"].astype(bool) if krylov else np.ones(len(status), bool)
+    if krylov:
+        lines.append(f"  SLQ fractions resolved (intervals <= {FLAGS.resolve_width:g} wide) at "
+                     f"{int(resolved.sum())} of {len(status)} points; unresolved point "
+                     "estimates are left out of the quantiles below")
     for name, sel in (("critical", status == "critical"), ("all", np.ones(len(status), bool))):
+        sel = sel & resolved
         r = records["min_ratio"][sel]
         if r.size == 0:
             lines.append(f"  {name}: none")
@@ -242,10 +267,12 @@ def summarize(records: dict) -> str:
         lines.append(line)
     lines.append(f"  gradient norm: median {np.median(records['grad_norm']):.2e}, "
                  f"max {np.max(records['grad_norm']):.2e}")
-    if "eigenvalues" not in records:
+    if krylov:
         lo, hi = records["min_ratio_lo"], records["min_ratio_hi"]
+        rel = records["tolerance_rel"]
         lines.append(f"  SLQ intervals: median width of [min_ratio_lo, min_ratio_hi] = "
-                     f"{np.median(hi - lo):.3f}")
+                     f"{np.median(hi - lo):.3f} at τ/max|θ| from {np.min(rel):.0e} to "
+                     f"{np.max(rel):.0e} (median {np.median(rel):.0e})")
         return "\n".join(lines)
     lines.append("  tolerance sensitivity (median min ratio / null fraction, all inits): " + ", ".join(
         f"τ×{m:g}: {np.median(s.min_ratio):.3f} / {np.median(s.null_fraction):.3f}"
@@ -343,13 +370,18 @@ def main(argv):
 
     assemble(out_dir, records, problem.n_params, log_steps(cfg.train_steps, cfg.log_every))
     status = [STATUSES[s] for s in records["status"]]
-    tol = ("τ = P·ε·max|λ| per point" if cfg.eig_tol is None else f"τ = {cfg.eig_tol:g}")
+    if cfg.eig_tol is not None:
+        tol = f"τ = {cfg.eig_tol:g}"
+    elif cfg.hessian == "lanczos" and cfg.krylov_tol == "resolved":
+        tol = f"τ per point: finest with intervals ≤ {cfg.resolve_width:g}"
+    else:
+        tol = "τ = P·ε·max|λ| per point"
     plots.min_ratio_figure(
         records["loss"], records["min_ratio"], status, out_dir,
         title=f"{problem.name}, P = {problem.n_params}, {FLAGS.num_inits} inits, finder "
               f"{cfg.finder}; critical iff ‖∇L‖ ≤ {cfg.grad_tol:g}",
         tolerance_note=tol, ratio_lo=records.get("min_ratio_lo"),
-        ratio_hi=records.get("min_ratio_hi"))
+        ratio_hi=records.get("min_ratio_hi"), resolved=records.get("resolved"))
     print(summarize(records))
     print(f"wrote {out_dir}/results.csv, spectra.npz, curves.npz, min_ratio.png/.pdf")
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import common, model_flags
+from experiments import common, krylov_flags, model_flags
 from crit import store
 
 FLAGS = flags.FLAGS
@@ -85,27 +85,40 @@ for _name, _value in (("dataset", "digits"), ("widths", "300,300"), ("n_points",
 # Flags of experiments.common that do not apply here: no critical point is sought.
 NOT_APPLICABLE = {name: "this app takes spectra along the training trajectory; no critical "
                   "point is sought" for name in ("finder", "finder_steps", "finder_lr",
-                                                  "grad_tol", "flat_tol")}
+                                                  "flat_tol")}
+# --grad_tol applies: a snapshot gets a saddle/minimum verdict only if ‖∇L‖ <= --grad_tol.
 NOT_PROTOCOL = ("out_dir", "overwrite", *NOT_APPLICABLE)
 AUTO_DENSE_MAX_P = 3000
 DENSE_LIMIT_P = 20000  # a P x P float64 Hessian of 3.2 GB; eigvalsh takes many minutes
-SWEEP_REL_TOLS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # τ / max|θ| for the tolerance sweep
-OUTPUTS = ("spectrum.csv", "spectrum.npz")
+TABLE_REL_TOLS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # τ / max|θ| printed from the grid
+OUTPUTS = ("spectrum.csv", "spectrum_cdf.csv", "spectrum.npz")
 # SLQ estimates (suffix _est, intervals _lo/_hi) and extremal Ritz values: every run.
 ESTIMATED = ("min_ratio", "index", "null_fraction")
-CSV_COLUMNS = ("step", "loss", "grad_norm", "lambda_min", "lambda_max", "lambda_min_converged",
-               "lambda_max_converged", "min_ratio_est", "min_ratio_lo", "min_ratio_hi",
-               "index_est", "index_lo", "index_hi", "null_fraction_est", "null_fraction_lo",
-               "null_fraction_hi", "tolerance", "num_matvecs")
+CSV_COLUMNS = ("step", "loss", "grad_norm", "verdict", "negative_proven", "lambda_min_bound",
+               "ritz_min_residual", "negative_excluded_below", "lambda_min", "lambda_max",
+               "lambda_min_converged", "lambda_max_converged", "min_ratio_est",
+               "min_ratio_lo", "min_ratio_hi", "index_est", "index_lo", "index_hi",
+               "null_fraction_est", "null_fraction_lo", "null_fraction_hi", "resolved",
+               "tolerance", "tolerance_rel", "machine_tolerance", "num_deflated",
+               "probe_steps", "num_matvecs")
+# spectrum_cdf.csv: the sign fractions on the τ grid (crit.krylov.REL_TOL_GRID), every snapshot.
+CDF_COLUMNS = ("step", "tolerance_rel", "tolerance", "min_ratio_est", "min_ratio_lo",
+               "min_ratio_hi", "index_est", "index_lo", "index_hi", "null_fraction_est",
+               "null_fraction_lo", "null_fraction_hi", "resolved")
 # Exact counts and fractions (same τ) and extremal eigenvalues: only with --compare_dense.
 DENSE_COLUMNS = ("n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
-                 "exact_lambda_min", "exact_lambda_max")
+                 "exact_lambda_min", "exact_lambda_max", "dense_verdict")
 # Fields of crit.krylov.KrylovSpectrum kept per snapshot (prefixed "spec_" in the chunks).
 SPEC_FIELDS = ("lambda_min", "lambda_max", "lambda_min_converged", "lambda_max_converged",
                "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo", "index_hi",
                "null_fraction", "null_fraction_lo", "null_fraction_hi", "tolerance",
-               "num_matvecs", "nodes", "weights", "node_residuals", "node_valid", "largest",
-               "largest_residuals", "smallest", "smallest_residuals")
+               "tolerance_rel", "machine_tolerance", "resolved", "num_deflated", "slack",
+               "deflated", "probe_mass", "probe_steps", "lambda_max_bound", "escape_direction",
+               "grid_tolerance", "num_matvecs", "nodes", "weights", "node_residuals",
+               "node_valid", "largest", "largest_residuals", "smallest", "smallest_residuals")
+# Fields of crit.verdict.Verdict kept per snapshot (prefixed "verdict_").
+VERDICT_FIELDS = ("code", "negative_proven", "lambda_min_bound", "ritz_value", "ritz_residual",
+                  "excluded_below", "miss_probability", "allowance")
 
 
 def parse_snapshots(text: str, train_steps: int) -> list[int]:
@@ -131,7 +144,12 @@ def parse_snapshots(text: str, train_steps: int) -> list[int]:
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
-    errors = common.problem_errors()
+    errors = (common.problem_errors()
+              + krylov_flags.krylov_errors(FLAGS.lanczos_steps, FLAGS.slq_probes,
+                                           FLAGS.num_eigs))
+    if FLAGS.hvp_budget and FLAGS.probe_batch:
+        errors.append(f"--probe_batch={FLAGS.probe_batch}: adaptive runs (--hvp_budget) take "
+                      "all probes at once; drop one of them")
     for name, why in NOT_APPLICABLE.items():
         if FLAGS[name].present:
             errors.append(f"--{name}: does not apply to this app ({why})")
@@ -181,6 +199,7 @@ def run_config(problem, snapshots, dense: bool) -> dict:
     and the rest."""
     shared, own = common.flag_values(__name__)
     shared |= {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)}
+    shared |= {f.name: f.value for f in FLAGS.get_flags_for_module(krylov_flags)}
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name, snapshots=snapshots,
                     compare_dense=dense, **model_flags.fingerprint(problem))
@@ -296,9 +315,9 @@ LOG_GRID_POINTS = 600
 def make_analysis(problem):
     """theta -> dict of results at one snapshot, compiled once for all snapshots.
 
-    Keys: loss, grad_norm, spec (KrylovSpectrum), the densities (``grid``, ``density``;
-    ``log_grid``, ``log_density_pos``, ``log_density_neg``) and the tolerance sweep
-    (``sweep_<fraction>_<est|lo|hi>``, SLQ estimates, one value per entry of SWEEP_REL_TOLS).
+    Keys: loss, grad_norm, spec (KrylovSpectrum, with its verdict and the sign fractions on
+    the τ grid), the densities (``grid``, ``density``; ``log_grid``, ``log_density_pos``,
+    ``log_density_neg``).
     """
     import jax
     import jax.numpy as jnp
@@ -307,8 +326,9 @@ def make_analysis(problem):
     from crit.hessian import full_batch_hvp_operator, hvp_operator
     from crit.krylov import krylov_spectrum
     from crit.protocol import init_key
-    from crit.slq import slq_density, slq_fractions, slq_log_density
+    from crit.slq import slq_density, slq_log_density
     from crit.train import cast_params
+    from crit.verdict import with_criticality
 
     template = cast_params(problem.init_fn(jax.random.PRNGKey(0)), jnp.float64)
     unravel = ravel_pytree(template)[1]
@@ -316,7 +336,8 @@ def make_analysis(problem):
                                              jnp.float64))[1]
     key = jax.random.fold_in(init_key(FLAGS.seed, FLAGS.init_id), 1)
     x, y = jnp.asarray(problem.dataset.x_train), jnp.asarray(problem.dataset.y_train)
-    rel_tols = jnp.asarray(SWEEP_REL_TOLS)
+    max_steps = krylov_flags.probe_max_steps(FLAGS.lanczos_steps, FLAGS.slq_probes,
+                                             FLAGS.num_eigs) or None
 
     @jax.jit
     def analyse(theta, state_flat):
@@ -332,8 +353,14 @@ def make_analysis(problem):
         spec = krylov_spectrum(matvec, key, theta.size, num_steps=FLAGS.lanczos_steps,
                                num_probes=FLAGS.slq_probes, k=FLAGS.num_eigs,
                                tol=FLAGS.eig_tol, z=FLAGS.z, tol_scale=FLAGS.tol_scale,
+                               tol_mode=FLAGS.krylov_tol, deflate=FLAGS.deflate,
+                               resolve_width=FLAGS.resolve_width,
+                               target_width=FLAGS.resolve_width,
+                               target_rel_tol=FLAGS.target_rel_tol, max_steps=max_steps,
                                probe_batch=FLAGS.probe_batch or None)
-        out = dict(loss=loss, grad_norm=jnp.linalg.norm(grad), spec=spec)
+        grad_norm = jnp.linalg.norm(grad)
+        spec = spec._replace(verdict=with_criticality(spec.verdict, grad_norm <= FLAGS.grad_tol))
+        out = dict(loss=loss, grad_norm=grad_norm, spec=spec)
         lo, hi = spec.lambda_min, spec.lambda_max
         pad = 0.05 * (hi - lo)
         out["grid"] = jnp.linspace(lo - pad, hi + pad, GRID_POINTS)
@@ -345,12 +372,6 @@ def make_analysis(problem):
         for sign, name in ((1, "pos"), (-1, "neg")):
             out["log_density_" + name] = slq_log_density(
                 spec.slq, out["log_grid"], sign=sign, tol=tau, sigma=FLAGS.log_sigma)
-        scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        sweep = jax.vmap(lambda r: slq_fractions(spec.slq, r * scale, z=FLAGS.z))(rel_tols)
-        for name, est in (("min_ratio", sweep.positive), ("index", sweep.negative),
-                          ("null_fraction", sweep.null)):
-            for part, attr in (("est", "mean"), ("lo", "lo"), ("hi", "hi")):
-                out[f"sweep_{name}_{part}"] = getattr(est, attr)
         return out
 
     return analyse, (unravel, unravel_state)
@@ -370,41 +391,70 @@ def make_dense(problem, unravels):
 
 def analyse_snapshot(analyse, dense_eigs, theta, state) -> dict:
     """One snapshot's results as flat host arrays: the keys of :func:`make_analysis` (``spec``
-    flattened to ``spec_<field>``) and, with a dense comparison, ``eigs`` and the exact
-    ``exact_<count or fraction>`` under the SLQ tolerance τ."""
+    flattened to ``spec_<field>``, its verdict to ``verdict_<field>``, its grid fractions to
+    ``cdf_<fraction>_<est|lo|hi>``) and, with a dense comparison, ``eigs``, the exact
+    ``exact_<count or fraction>`` under the SLQ tolerance τ, the exact fractions on the grid
+    (``cdf_exact_<fraction>``) and the dense verdict (``dense_verdict``)."""
     import jax
 
     from crit.spectrum import classify_spectrum
+    from crit.verdict import dense_verdict
 
     out = jax.tree.map(np.asarray, analyse(theta, state))
     spec = out.pop("spec")
     out.update({f"spec_{f}": np.asarray(getattr(spec, f)) for f in SPEC_FIELDS})
+    out.update({f"verdict_{f}": np.asarray(getattr(spec.verdict, f)) for f in VERDICT_FIELDS})
+    for name, est in (("min_ratio", spec.grid_fractions.positive),
+                      ("index", spec.grid_fractions.negative),
+                      ("null_fraction", spec.grid_fractions.null)):
+        for part, attr in (("est", "mean"), ("lo", "lo"), ("hi", "hi")):
+            out[f"cdf_{name}_{part}"] = np.asarray(getattr(est, attr))
     if dense_eigs is not None:
         out["eigs"] = dense_eigs(theta, state)
         exact = classify_spectrum(out["eigs"], float(spec.tolerance))
         for f in ("n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
                   "lambda_min", "lambda_max"):
             out[f"exact_{f}"] = np.asarray(getattr(exact, f))
+        on_grid = classify_spectrum(np.broadcast_to(out["eigs"], (len(spec.grid_tolerance),
+                                                                  out["eigs"].size)),
+                                    np.asarray(spec.grid_tolerance))
+        for f in ("min_ratio", "index", "null_fraction"):
+            out[f"cdf_exact_{f}"] = np.asarray(getattr(on_grid, f))
+        critical = float(out["grad_norm"]) <= FLAGS.grad_tol
+        dense = dense_verdict(out["eigs"], float(spec.machine_tolerance), critical)
+        out["dense_verdict"] = np.asarray(dense.code)
     return out
 
 
 def snapshot_line(step: int, row: dict, seconds: float) -> str:
     """What the app prints for one analysed snapshot."""
+    from crit.verdict import VERDICT_TEXT, VERDICTS
+
     f = lambda name: float(row["spec_" + name])  # noqa: E731
+    verdict = VERDICTS[int(row["verdict_code"])]
+    if bool(row["verdict_negative_proven"]):
+        curvature = (f"λ_min ≤ {float(row['verdict_lambda_min_bound']):.4g} (proven: yᵀHy, "
+                     f"residual {float(row['verdict_ritz_residual']):.1e})")
+    else:
+        curvature = (f"no λ < −{float(row['verdict_excluded_below']):.3g} (missed with "
+                     f"probability ≤ {float(row['verdict_miss_probability']):.0%}; smallest "
+                     f"Ritz value {float(row['verdict_ritz_value']):.3g})")
+    resolved = "" if bool(row["spec_resolved"]) else " UNRESOLVED"
     line = (f"step {step:>6}: loss {float(row['loss']):.4g}, "
-            f"‖g‖ {float(row['grad_norm']):.2e}, "
-            f"λ_min {f('lambda_min'):.6g}{'' if row['spec_lambda_min_converged'] else '?'}, "
-            f"λ_max {f('lambda_max'):.6g}{'' if row['spec_lambda_max_converged'] else '?'}, "
-            f"min ratio (SLQ) {f('min_ratio'):.4f} [{f('min_ratio_lo'):.4f}, "
+            f"‖g‖ {float(row['grad_norm']):.2e}: {VERDICT_TEXT[verdict]}, {curvature}\n"
+            f"        λ_max {f('lambda_max'):.6g}{'' if row['spec_lambda_max_converged'] else '?'}"
+            f", min ratio (SLQ) {f('min_ratio'):.4f} [{f('min_ratio_lo'):.4f}, "
             f"{f('min_ratio_hi'):.4f}], index {f('index'):.4f} [{f('index_lo'):.4f}, "
-            f"{f('index_hi'):.4f}], τ = {f('tolerance'):.2e}, {int(row['spec_num_matvecs'])} "
-            f"HVPs, {seconds:.1f}s")
+            f"{f('index_hi'):.4f}]{resolved} at τ = {f('tolerance'):.2e} "
+            f"({f('tolerance_rel'):.0e}·max|θ|); {int(row['spec_num_deflated'])} deflated, "
+            f"{int(row['spec_num_matvecs'])} HVPs, {seconds:.1f}s")
     if "eigs" in row:
         exact = float(row["exact_min_ratio"])
         inside = f("min_ratio_lo") <= exact <= f("min_ratio_hi")
         line += (f"\n        exact: min ratio {exact:.4f} "
                  f"({'inside' if inside else 'OUTSIDE'} the interval), λ ∈ "
-                 f"[{float(row['exact_lambda_min']):.6g}, {float(row['exact_lambda_max']):.6g}]")
+                 f"[{float(row['exact_lambda_min']):.6g}, {float(row['exact_lambda_max']):.6g}]"
+                 f", dense verdict {VERDICTS[int(row['dense_verdict'])]}")
     return line
 
 
@@ -471,17 +521,28 @@ def summary_figure(out_dir, table, title) -> None:
         x = step + (j - 1) * shift
         mid = np.asarray(table[name + "_est"])
         err = [mid - np.asarray(table[name + "_lo"]), np.asarray(table[name + "_hi"]) - mid]
-        ax_r.errorbar(x, mid, yerr=err, fmt="o-", color=color, capsize=3, ms=4,
-                      label=f"{name} (SLQ estimate, interval)")
+        known = np.asarray(table["resolved"], bool)
+        ax_r.errorbar(x, mid, yerr=err, fmt="none", color=color, capsize=3)
+        ax_r.plot(x, np.where(known, mid, np.nan), "o-", color=color, ms=4,
+                  label=f"{name} (SLQ estimate, interval)")
+        if (~known).any():  # an unresolved estimate is not drawn as if it were known
+            ax_r.plot(x[~known], mid[~known], "o", mfc="none", color=color, ms=5,
+                      label=f"{name}, unresolved (interval > {FLAGS.resolve_width:g})")
         if name in table:
             ax_r.plot(x, table[name], "x", color=color, ms=8, label=f"{name} (exact)")
     ax_r.set_ylim(-0.02, 1.02)
+    ax_r.set_title("at τ = " + ", ".join(f"{r:.0e}" for r in table["tolerance_rel"])
+                   + " × max|θ|", fontsize=8)
     ax_r.set_xlabel("training step")
     ax_r.set_ylabel("fraction of eigenvalues")
     ax_r.legend(fontsize=7)
     ax_r.grid(alpha=0.3)
     for name, color in (("lambda_max", "tab:blue"), ("lambda_min", "tab:red")):
         ax_l.plot(step, table[name], "o-", color=color, label=f"{name} (Ritz value)")
+    proven = np.asarray(table["negative_proven"], bool)
+    if proven.any():
+        ax_l.plot(step[proven], np.asarray(table["lambda_min_bound"])[proven], "v", color="k",
+                  ms=7, mfc="none", label="λ_min ≤ this (proven: saddle if critical)")
         if "exact_" + name in table:
             ax_l.plot(step, table["exact_" + name], "x", color="k", ms=8,
                       label=f"{name} (exact)")
@@ -553,68 +614,161 @@ def main(argv):
     rows = [dict(done[j], step=step) for j, step in enumerate(snapshots)]
     write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad)
     print(tolerance_table(rows))
-    print(f"wrote {out_dir}/spectrum.csv, spectrum.npz, spectrum_density.png/.pdf, "
-          f"spectrum_summary.png/.pdf, config.json ({time.time() - t0:.0f}s)")
+    print(f"wrote {out_dir}/spectrum.csv, spectrum_cdf.csv, spectrum.npz, "
+          f"spectrum_density.png/.pdf, spectrum_summary.png/.pdf, spectrum_cdf.png/.pdf, "
+          f"config.json ({time.time() - t0:.0f}s)")
+
+
+def csv_row(row: dict) -> dict:
+    """One snapshot's spectrum.csv values."""
+    from crit.verdict import VERDICTS
+
+    values = dict(step=row["step"], loss=float(row["loss"]), grad_norm=float(row["grad_norm"]),
+                  verdict=VERDICTS[int(row["verdict_code"])],
+                  negative_proven=bool(row["verdict_negative_proven"]),
+                  lambda_min_bound=float(row["verdict_lambda_min_bound"]),
+                  ritz_min_residual=float(row["verdict_ritz_residual"]),
+                  negative_excluded_below=float(row["verdict_excluded_below"]),
+                  num_matvecs=int(row["spec_num_matvecs"]),
+                  num_deflated=int(row["spec_num_deflated"]),
+                  probe_steps=int(row["spec_probe_steps"]),
+                  resolved=bool(row["spec_resolved"]),
+                  lambda_min_converged=bool(row["spec_lambda_min_converged"]),
+                  lambda_max_converged=bool(row["spec_lambda_max_converged"]))
+    for name in ("lambda_min", "lambda_max", "tolerance", "tolerance_rel", "machine_tolerance"):
+        values[name] = float(row["spec_" + name])
+    for name in ESTIMATED:
+        values[name + "_est"] = float(row["spec_" + name])
+        for end in ("_lo", "_hi"):
+            values[name + end] = float(row["spec_" + name + end])
+    if "eigs" in row:
+        for name in ("n_pos", "n_neg", "n_null"):
+            values[name] = int(row["exact_" + name])
+        for name in ESTIMATED:
+            values[name] = float(row["exact_" + name])
+        for name in ("exact_lambda_min", "exact_lambda_max"):
+            values[name] = float(row[name])
+        values["dense_verdict"] = VERDICTS[int(row["dense_verdict"])]
+    return values
+
+
+def cdf_table(rows) -> dict:
+    """spectrum_cdf.csv: every snapshot × every grid τ, with exact fractions when dense."""
+    from crit.krylov import REL_TOL_GRID
+
+    dense = "eigs" in rows[0]
+    names = CDF_COLUMNS + (tuple(f"exact_{n}" for n in ESTIMATED) if dense else ())
+    table = {c: [] for c in names}
+    for row in rows:
+        est = {n: row[f"cdf_{n}_est"] for n in ESTIMATED}
+        width = np.maximum(row["cdf_min_ratio_hi"] - row["cdf_min_ratio_lo"],
+                           row["cdf_index_hi"] - row["cdf_index_lo"])
+        for g, rel in enumerate(REL_TOL_GRID):
+            table["step"].append(row["step"])
+            table["tolerance_rel"].append(rel)
+            table["tolerance"].append(float(row["spec_grid_tolerance"][g]))
+            for n in ESTIMATED:
+                table[f"{n}_est"].append(float(est[n][g]))
+                for end in ("lo", "hi"):
+                    table[f"{n}_{end}"].append(float(row[f"cdf_{n}_{end}"][g]))
+                if dense:
+                    table[f"exact_{n}"].append(float(row[f"cdf_exact_{n}"][g]))
+            table["resolved"].append(bool(width[g] <= FLAGS.resolve_width))
+    return {c: np.asarray(v) for c, v in table.items()}
 
 
 def write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad) -> None:
     dense = "eigs" in rows[0]
     names = CSV_COLUMNS + (DENSE_COLUMNS if dense else ())
-    table = {c: [] for c in names}
-    for row in rows:
-        values = dict(step=row["step"], loss=float(row["loss"]),
-                      grad_norm=float(row["grad_norm"]),
-                      num_matvecs=int(row["spec_num_matvecs"]),
-                      lambda_min_converged=bool(row["spec_lambda_min_converged"]),
-                      lambda_max_converged=bool(row["spec_lambda_max_converged"]))
-        for name in ("lambda_min", "lambda_max", "tolerance"):
-            values[name] = float(row["spec_" + name])
-        for name in ESTIMATED:
-            values[name + "_est"] = float(row["spec_" + name])
-            for end in ("_lo", "_hi"):
-                values[name + end] = float(row["spec_" + name + end])
-        if dense:
-            for name in ("n_pos", "n_neg", "n_null"):
-                values[name] = int(row["exact_" + name])
-            for name in ESTIMATED:
-                values[name] = float(row["exact_" + name])
-            for name in ("exact_lambda_min", "exact_lambda_max"):
-                values[name] = float(row[name])
-        for c in names:
-            table[c].append(values[c])
-    store.write_csv(out_dir / "spectrum.csv", {c: np.asarray(v) for c, v in table.items()})
+    values = [csv_row(row) for row in rows]
+    table = {c: np.asarray([v[c] for v in values]) for c in names}
+    store.write_csv(out_dir / "spectrum.csv", table)
+    cdf = cdf_table(rows)
+    store.write_csv(out_dir / "spectrum_cdf.csv", cdf)
     stack = lambda key: np.stack([np.asarray(r[key]) for r in rows])  # noqa: E731
     logged = np.arange(0, len(curve_loss), FLAGS.log_every)
     arrays = {
         "step": np.asarray(snapshots), "n_params": np.asarray(problem.n_params),
         "nodes": stack("spec_nodes"), "weights": stack("spec_weights"),
         "node_residuals": stack("spec_node_residuals"), "node_valid": stack("spec_node_valid"),
+        "probe_mass": stack("spec_probe_mass"), "deflated": stack("spec_deflated"),
+        "slack": stack("spec_slack"),
         "ritz_largest": stack("spec_largest"),
         "ritz_largest_residuals": stack("spec_largest_residuals"),
         "ritz_smallest": stack("spec_smallest"),
         "ritz_smallest_residuals": stack("spec_smallest_residuals"),
-        "tolerance": stack("spec_tolerance"), "train_step": logged,
-        "train_loss": curve_loss[logged], "train_grad_norm": curve_grad[logged],
-        "sweep_rel_tol": np.asarray(SWEEP_REL_TOLS)}
-    for key in [k for k in rows[0] if k.startswith(("sweep_", "grid", "density", "log_"))]:
+        "escape_direction": stack("spec_escape_direction"),
+        "tolerance": stack("spec_tolerance"), "grid_tolerance": stack("spec_grid_tolerance"),
+        "train_step": logged, "train_loss": curve_loss[logged],
+        "train_grad_norm": curve_grad[logged]}
+    for key in [k for k in rows[0] if k.startswith(("cdf_", "grid", "density", "log_"))]:
         arrays[key] = stack(key)
     if dense:
         arrays["exact_eigenvalues"] = stack("eigs")
     store.atomic_save_npz(out_dir / "spectrum.npz", arrays)
     title = (f"{problem.name}, P = {problem.n_params:,}, Hessian of the full-data loss by HVPs; "
-             f"τ = {'P·ε·max|θ|' if FLAGS.eig_tol is None else FLAGS.eig_tol}")
+             + (f"τ = {FLAGS.eig_tol}" if FLAGS.eig_tol is not None else
+                "τ = P·ε·max|θ|" if FLAGS.krylov_tol == "machine" else
+                f"τ = finest resolved (intervals ≤ {FLAGS.resolve_width:g})"))
     density_figure(out_dir, rows, problem.n_params, title)
-    summary_figure(out_dir, {c: np.asarray(v) for c, v in table.items()}, title)
+    summary_figure(out_dir, table, title)
+    cdf_figure(out_dir, rows, title)
+
+
+def cdf_figure(out_dir, rows, title) -> None:
+    """Per snapshot: the fractions of eigenvalues above τ, below −τ and within ±τ against
+    τ/max|θ| on the grid, as bands (SLQ intervals) around the estimates; the exact fractions
+    when dense; the chosen τ marked. Where a band is wider than --resolve_width the estimate
+    is dashed: unresolved at that scale."""
+    import matplotlib.pyplot as plt
+
+    from crit.krylov import REL_TOL_GRID
+    from crit.plots import save_figure
+
+    rel = np.asarray(REL_TOL_GRID)
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for name, color, label in (("min_ratio", "tab:blue", "λ > τ (min ratio)"),
+                                   ("index", "tab:red", "λ < −τ (index)"),
+                                   ("null_fraction", "tab:gray", "|λ| ≤ τ (null)")):
+            lo, hi = row[f"cdf_{name}_lo"], row[f"cdf_{name}_hi"]
+            est = row[f"cdf_{name}_est"]
+            ax.fill_between(rel, lo, hi, color=color, alpha=0.25, lw=0)
+            sharp = (hi - lo) <= FLAGS.resolve_width
+            ax.plot(rel, np.where(sharp, est, np.nan), "-", color=color, lw=1.2, label=label)
+            ax.plot(rel, np.where(sharp, np.nan, est), ":", color=color, lw=1.0)
+            if f"cdf_exact_{name}" in row:
+                ax.plot(rel, row[f"cdf_exact_{name}"], "x", color=color, ms=4)
+        ax.axvline(float(row["spec_tolerance_rel"]), color="k", lw=0.6, ls="--")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("τ / max|θ|   (dashed line: τ reported)")
+        ax.set_ylabel("fraction of eigenvalues")
+        ax.set_title(f"step {row['step']}" + (", x: exact" if "eigs" in row else "")
+                     + "; dotted: unresolved", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="center left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out_dir, "spectrum_cdf")
 
 
 def tolerance_table(rows) -> str:
-    lines = ["minimum ratio (SLQ estimate) [interval] at coarser tolerances τ = r·max|λ|:",
-             "| step | " + " | ".join(f"r = {r:g}" for r in SWEEP_REL_TOLS) + " |",
-             "|---|" + "---|" * len(SWEEP_REL_TOLS)]
+    from crit.krylov import REL_TOL_GRID
+
+    cols = [REL_TOL_GRID.index(min(REL_TOL_GRID, key=lambda g: abs(np.log10(g / r))))
+            for r in TABLE_REL_TOLS]
+    lines = ["minimum ratio (SLQ estimate) [interval] at τ = r·max|θ| (all in spectrum_cdf.csv; "
+             "'?' marks intervals wider than --resolve_width):",
+             "| step | " + " | ".join(f"r = {r:g}" for r in TABLE_REL_TOLS) + " |",
+             "|---|" + "---|" * len(TABLE_REL_TOLS)]
     for row in rows:
-        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
-                 zip(row["sweep_min_ratio_est"], row["sweep_min_ratio_lo"],
-                     row["sweep_min_ratio_hi"])]
+        cells = []
+        for g in cols:
+            m, lo, hi = (row[f"cdf_min_ratio_{p}"][g] for p in ("est", "lo", "hi"))
+            width = max(hi - lo, row["cdf_index_hi"][g] - row["cdf_index_lo"][g])
+            cells.append(f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+                         + ("" if width <= FLAGS.resolve_width else "?"))
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -16,18 +16,21 @@ TINY = ["--widths=4", "--n_points=64", "--train_steps=40", "--lanczos_steps=30",
 P = 64 * 4 + 4 + 4 * 10 + 10
 ESTIMATES = ("min_ratio_est", "min_ratio_lo", "min_ratio_hi", "index_est", "index_lo",
              "index_hi", "null_fraction_est", "null_fraction_lo", "null_fraction_hi")
-KRYLOV_COLUMNS = ["step", "loss", "grad_norm", "lambda_min", "lambda_max",
-                  "lambda_min_converged", "lambda_max_converged", *ESTIMATES, "tolerance",
-                  "num_matvecs"]
+KRYLOV_COLUMNS = ["step", "loss", "grad_norm", "verdict", "negative_proven", "lambda_min_bound",
+                  "ritz_min_residual", "negative_excluded_below", "lambda_min", "lambda_max",
+                  "lambda_min_converged", "lambda_max_converged", *ESTIMATES, "resolved",
+                  "tolerance", "tolerance_rel", "machine_tolerance", "num_deflated",
+                  "probe_steps", "num_matvecs"]
+CDF = [f"cdf_{name}_{part}" for name in ("min_ratio", "index", "null_fraction")
+       for part in ("est", "lo", "hi")]
 NPZ_KEYS = ["step", "n_params", "nodes", "weights", "node_residuals", "node_valid",
-            "ritz_largest", "ritz_largest_residuals", "ritz_smallest",
-            "ritz_smallest_residuals", "tolerance", "train_step", "train_loss",
-            "train_grad_norm", "sweep_rel_tol", "grid", "density", "log_grid",
-            "log_density_pos", "log_density_neg",
-            *(f"sweep_{name}_{part}" for name in ("min_ratio", "index", "null_fraction")
-              for part in ("est", "lo", "hi"))]
+            "probe_mass", "deflated", "slack", "ritz_largest", "ritz_largest_residuals",
+            "ritz_smallest", "ritz_smallest_residuals", "escape_direction", "tolerance",
+            "grid_tolerance", "train_step", "train_loss", "train_grad_norm", "grid", "density",
+            "log_grid", "log_density_pos", "log_density_neg", *CDF]
 DENSE_COLUMNS = ["n_pos", "n_neg", "n_null", "min_ratio", "index", "null_fraction",
-                 "exact_lambda_min", "exact_lambda_max"]
+                 "exact_lambda_min", "exact_lambda_max", "dense_verdict"]
+GRID = 23  # crit.krylov.REL_TOL_GRID
 
 
 def spectrum(*args, **kw):
@@ -48,15 +51,17 @@ def krylov_run(tmp_path_factory):
 
 def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
     out, proc = dense_run
-    for name in ("config.json", "spectrum.csv", "spectrum.npz", "spectrum_density.png",
-                 "spectrum_density.pdf", "spectrum_summary.png", "spectrum_summary.pdf",
+    for name in ("config.json", "spectrum.csv", "spectrum_cdf.csv", "spectrum.npz",
+                 "spectrum_density.png", "spectrum_density.pdf", "spectrum_summary.png",
+                 "spectrum_summary.pdf", "spectrum_cdf.png", "spectrum_cdf.pdf",
                  "chunks/chunk_0000000_000001.npz", "chunks/chunk_0000001_000001.npz"):
         assert (out / name).stat().st_size > 0, name
     rows = read_rows(out / "spectrum.csv")
     assert list(rows[0]) == KRYLOV_COLUMNS + DENSE_COLUMNS
     assert [int(r["step"]) for r in rows] == [0, 40]
     with np.load(out / "spectrum.npz", allow_pickle=False) as s:
-        assert sorted(s.files) == sorted(NPZ_KEYS + ["exact_eigenvalues"])
+        assert sorted(s.files) == sorted(NPZ_KEYS + ["exact_eigenvalues"] + [
+            f"cdf_exact_{n}" for n in ("min_ratio", "index", "null_fraction")])
         eigs = s["exact_eigenvalues"]
         assert eigs.shape == (2, P) and int(s["n_params"]) == P
         assert s["density"].shape == s["grid"].shape == (2, 2000)
@@ -73,7 +78,14 @@ def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
         assert list(s["train_step"]) == [0, 10, 20, 30] and s["train_loss"].shape == (4,)
         assert np.all(np.isfinite(s["train_loss"])) and s["train_loss"][-1] < s["train_loss"][0]
         assert list(s["step"]) == [0, 40]
-        assert s["sweep_min_ratio_est"].shape == (2, len(s["sweep_rel_tol"]))
+        assert s["cdf_min_ratio_est"].shape == s["grid_tolerance"].shape == (2, GRID)
+        assert s["escape_direction"].shape == (2, P)
+        np.testing.assert_allclose(np.linalg.norm(s["escape_direction"], axis=1), 1.0)
+        # the exact fractions on the τ grid lie inside the SLQ intervals at every τ
+        for name in ("min_ratio", "index", "null_fraction"):
+            exact, lo, hi = (s[f"cdf_{k}"] for k in (f"exact_{name}", f"{name}_lo",
+                                                     f"{name}_hi"))
+            assert np.all((lo <= exact + 1e-12) & (exact <= hi + 1e-12)), name
     assert float(rows[1]["loss"]) < float(rows[0]["loss"])
     for j, r in enumerate(rows):
         assert float(r["grad_norm"]) > 0 and r["lambda_max_converged"] == "True"
@@ -89,7 +101,12 @@ def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
             lo, est, hi = (float(r[name + end]) for end in ("_lo", "_est", "_hi"))
             assert lo <= est <= hi and hi - lo < 0.95, (name, lo, est, hi)
             assert lo <= float(r[name]) <= hi, (name, r[name], lo, hi)  # exact inside
-        assert int(r["num_matvecs"]) == 4 * 30
+        assert int(r["num_matvecs"]) == 4 * 30 + 2 * 2  # + Rayleigh checks of 2k Ritz pairs
+        # the verdict: dense and Krylov agree on whether a negative eigenvalue is proven
+        proven = r["negative_proven"] == "True"
+        assert proven == (eigs[j].min() < -float(r["machine_tolerance"]))
+        assert float(r["lambda_min_bound"]) >= eigs[j].min() - 1e-12  # a certified bound
+        assert r["verdict"] == r["dense_verdict"] == "not_critical"  # ‖g‖ > --grad_tol
         assert float(r["exact_lambda_max"]) == pytest.approx(eigs[j].max(), rel=1e-12)
         assert float(r["lambda_max"]) == pytest.approx(float(r["exact_lambda_max"]), rel=1e-8)
         assert float(r["lambda_min"]) >= float(r["exact_lambda_min"]) - 1e-10  # a Ritz value
@@ -97,6 +114,9 @@ def test_dense_run_writes_exact_counts_beside_the_estimates(dense_run):
     assert config["n_params"] == P and config["protocol"]["compare_dense"] is True
     assert config["protocol"]["snapshots"] == [0, 40]
     assert proc.stdout.count("inside the interval") == 2
+    cdf = read_rows(out / "spectrum_cdf.csv")
+    assert len(cdf) == 2 * GRID and list(cdf[0])[:3] == ["step", "tolerance_rel", "tolerance"]
+    assert "exact_min_ratio" in cdf[0]
 
 
 def test_krylov_run_has_estimates_and_no_counts(krylov_run, dense_run):
@@ -112,7 +132,7 @@ def test_krylov_run_has_estimates_and_no_counts(krylov_run, dense_run):
         assert sorted(s.files) == sorted(NPZ_KEYS)  # no exact_eigenvalues
         for key in NPZ_KEYS:
             np.testing.assert_array_equal(s[key], d[key], err_msg=key)
-    for stem in ("spectrum_density", "spectrum_summary"):
+    for stem in ("spectrum_density", "spectrum_summary", "spectrum_cdf"):
         assert (out / f"{stem}.png").stat().st_size > 0
     assert "exact:" not in proc.stdout
     assert json.loads((out / "config.json").read_text())["protocol"]["compare_dense"] is False
@@ -128,7 +148,7 @@ def test_killed_after_the_first_snapshot_resumes_to_the_same_files(krylov_run, t
     assert "resuming, 1 of 2 snapshots left" in proc.stdout
     assert "step      0:" not in proc.stdout  # the saved snapshot is not recomputed
     names = assert_same_results(krylov_run[0], out)
-    assert names == ["config.json", "spectrum.csv", "spectrum.npz"]
+    assert names == ["config.json", "spectrum.csv", "spectrum.npz", "spectrum_cdf.csv"]
 
 
 def test_other_configuration_in_the_same_dir_is_refused_before_compute(krylov_run):
@@ -146,12 +166,15 @@ def test_other_configuration_in_the_same_dir_is_refused_before_compute(krylov_ru
 
 
 @pytest.mark.parametrize("bad, named", [
-    # --finder, --grad_tol: shared flags the app never reads; --tol_scale: ignored beside
-    # --eig_tol (TINY sets it)
+    # --finder: a shared flag the app never reads; --tol_scale: ignored beside --eig_tol (TINY
+    # sets it)
     (["--snapshots=0,abc", "--lanczos_steps=1", "--slq_probes=0", "--finder=gradnorm",
-      "--grad_tol=1e-3", "--tol_scale=10"],
-     ["--snapshots", "--lanczos_steps", "--slq_probes", "--finder", "--grad_tol",
-      "--tol_scale"]),
+      "--tol_scale=10"],
+     ["--snapshots", "--lanczos_steps", "--slq_probes", "--finder", "--tol_scale"]),
+    # a budget below one block, a width outside (0, 1), adaptive runs in probe batches
+    (["--hvp_budget=50", "--resolve_width=1.5", "--target_rel_tol=0"],
+     ["--hvp_budget", "--resolve_width", "--target_rel_tol"]),
+    (["--hvp_budget=1000", "--probe_batch=2"], ["--probe_batch"]),
     (["--snapshots=0,41"], ["--snapshots"]),
     # P = 112,810: too large for a dense Hessian
     (["--compare_dense=true", "--widths=300,300"], ["--compare_dense"]),
