@@ -252,7 +252,7 @@ def test_lanczos_mode_agrees_with_dense(tmp_path):
               "--finder=gradnorm", "--finder_steps=10", "--progress=false", "--num_inits=2"]
     run_app(*common, "--hessian=dense", f"--out_dir={tmp_path / 'dense'}")
     run_app(*common, "--hessian=lanczos", "--lanczos_steps=40", "--slq_probes=6",
-            "--hvp_batch_size=7", f"--out_dir={tmp_path / 'lanczos'}")
+            "--hvp_batch_size=7", "--krylov_tol=machine", f"--out_dir={tmp_path / 'lanczos'}")
     dense = read_rows(tmp_path / "dense" / "results.csv")
     krylov = read_rows(tmp_path / "lanczos" / "results.csv")
     assert int(dense[0]["n_params"]) == 321 and len(krylov) == 2
@@ -267,5 +267,7 @@ def test_lanczos_mode_agrees_with_dense(tmp_path):
         if k["lambda_min_converged"] == "True":
             assert float(k["lambda_min"]) == pytest.approx(float(d["lambda_min"]), rel=1e-6,
                                                            abs=1e-9 * float(d["lambda_max"]))
+            assert k["negative_proven"] == d["negative_proven"]
+        assert float(k["lambda_min_bound"]) >= float(d["lambda_min"]) - 1e-12
     with np.load(tmp_path / "lanczos" / "spectra.npz", allow_pickle=False) as s:
         assert s["slq_nodes"].shape == (2, 6, 40) and "eigenvalues" not in s.files
