@@ -330,6 +330,15 @@ def slq_fractions(result: SLQResult, tol: float, *, z: float = 2.0) -> SpectralF
     bias bracket shrinks with :math:`m` (nodes near :math:`\pm\tau` carry less weight, the
     null node converges) and is exact after a breakdown; the SE shrinks like
     :math:`n_v^{-1/2}`. Near-duplicate nodes (no reorthogonalization) void CMS.
+
+    Deflated runs (``result.mass``, ``result.deflated``, ``result.slack`` set by
+    :func:`crit.krylov.krylov_spectrum`): the probes :math:`v_l = \Pi z_l/\sqrt n` have mass
+    :math:`s_l = \lVert v_l\rVert^2`, and :math:`\mathbb{E}\, s_l \hat\mu_{l}(S)` is the
+    number of eigenvalues of the compression :math:`Y_\perp^\top H Y_\perp` in S over n, so
+    per-probe values and brackets are scaled by :math:`s_l`; the deflated Ritz values are
+    counted directly. Every eigenvalue of H lies within the Weyl slack e of one of
+    :math:`\mathrm{diag}(\Theta, Y_\perp^\top H Y_\perp)`, so lower bounds are taken at the
+    thresholds :math:`\pm(\tau + e)` and upper bounds at :math:`\pm(\tau - e)`.
     """
     slack = 0.0 if result.slack is None else result.slack
     bounds = jax.vmap(_probe_bounds, in_axes=(0, 0, 0, 0, None, None))(

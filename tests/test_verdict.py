@@ -7,29 +7,13 @@ import numpy as np
 import pytest
 
 import crit  # noqa: F401  (float64)
-from crit.krylov import REL_TOL_GRID, krylov_spectrum
+from crit.krylov import REL_TOL_GRID, krylov_spectrum, planted_operator as planted
 from crit.lanczos import lanczos_advance, lanczos_start, lanczos_tridiag
 from crit.verdict import (MINIMUM, DEGENERATE, NO_NEGATIVE_FOUND, NOT_CRITICAL, SADDLE_PROVEN,
                           dense_verdict, excluded_level, kw_failure_probability,
                           kw_relative_error, miss_probability_at, with_criticality)
 
 N = 20_000
-
-
-def planted(eigenvalues, seed=0):
-    """v -> Q^T diag(λ) Q v with Q = H2 H1 D (random signs, two Householder reflections): a
-    dense-looking orthogonal basis at O(n) per product, so n can be 1e4-1e5 in a test."""
-    lam = jnp.asarray(eigenvalues, jnp.float64)
-    rng = np.random.default_rng(seed)
-    d = jnp.asarray(rng.choice([-1.0, 1.0], lam.size))
-    u1, u2 = (jnp.asarray(x / np.linalg.norm(x)) for x in rng.standard_normal((2, lam.size)))
-    reflect = lambda u, v: v - 2.0 * u * jnp.dot(u, v)  # noqa: E731
-
-    def matvec(v):
-        w = reflect(u2, reflect(u1, d * v))
-        return d * reflect(u1, reflect(u2, lam * w))
-
-    return matvec
 
 
 def bulk(n=N, null=0.6, seed=1):
