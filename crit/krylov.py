@@ -108,6 +108,8 @@ class KrylovSpectrum(NamedTuple):
     """(num_probes, probe steps) Ritz residual estimates of the SLQ nodes."""
     node_valid: Array
     """(num_probes, probe steps) bool, False for padding (breakdown, or steps not taken)."""
+    node_coupling: Array
+    """(num_probes, probe steps) Signed couplings of the SLQ nodes (crit.slq.SLQResult)."""
     fractions: SpectralFractions
     """Everything :func:`crit.slq.slq_fractions` returns at ``tolerance``."""
     tolerance: Array
@@ -154,7 +156,8 @@ class KrylovSpectrum(NamedTuple):
         """The SLQ part as a :class:`crit.slq.SLQResult` (for densities and fractions); with
         deflation it carries the probe masses, deflated values and slack."""
         return SLQResult(self.nodes, self.weights, self.node_residuals, self.node_valid,
-                         self.dim, self.probe_mass, self.deflated, self.slack)
+                         self.dim, self.probe_mass, self.deflated, self.node_coupling,
+                         self.slack)
 
 
 def krylov_tolerance(ritz_values: Array, dim: int, scale: float = 1.0) -> Array:
@@ -169,13 +172,15 @@ def krylov_tolerance(ritz_values: Array, dim: int, scale: float = 1.0) -> Array:
 
 
 def _quadrature_of(alphas, betas, valid):
-    """Ritz values, first-component weights, residual estimates of one run's valid prefix."""
+    """Ritz values, first-component weights, residual estimates, validity and signed couplings
+    (:attr:`crit.slq.SLQResult.coupling`) of one run's valid prefix."""
     nodes, vectors = tridiag_eigh(alphas, betas, valid)
     nv = jnp.sum(valid)
     last = vectors[jnp.maximum(nv - 1, 0)]
+    beta = betas[jnp.maximum(nv - 1, 0)]
     weights = jnp.where(valid, vectors[0] ** 2, 0.0)
-    residuals = jnp.where(valid, jnp.abs(betas[jnp.maximum(nv - 1, 0)] * last), 0.0)
-    return nodes, weights, residuals, valid
+    residuals = jnp.where(valid, jnp.abs(beta * last), 0.0)
+    return nodes, weights, residuals, valid, jnp.where(valid, beta * last * vectors[0], 0.0)
 
 
 def _quadrature(matvec, v, num_steps, reorthogonalize):
@@ -335,7 +340,7 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
     ext = lanczos_tridiag(matvec, start / jnp.linalg.norm(start), num_steps,
                           reorthogonalize=reorthogonalize)
     values, vectors = tridiag_eigh(ext.alphas, ext.betas, ext.valid)
-    e_nodes, _, e_res, e_valid = _quadrature_of(ext.alphas, ext.betas, ext.valid)
+    e_nodes, _, e_res, e_valid, _ = _quadrature_of(ext.alphas, ext.betas, ext.valid)
     (top, top_rho, top_ok), (bot, bot_rho, bot_ok) = _ends(e_nodes, e_res, e_valid, k,
                                                            conv_tol)
     scale = jnp.max(jnp.where(e_valid, jnp.abs(e_nodes), 0.0))
@@ -367,7 +372,9 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
     mass = jnp.sum(probes**2, axis=1)
 
     def assemble(quad):
-        return SLQResult(*quad, jnp.asarray(dim), mass, deflated, slack)
+        nodes, weights, residuals, valid, coupling = quad
+        return SLQResult(nodes, weights, residuals, valid, jnp.asarray(dim), mass, deflated,
+                         coupling, slack)
 
     # 3. SLQ, in one block or adaptively.
     if tol is not None:
@@ -432,7 +439,7 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         largest=top, largest_residuals=top_rho, largest_converged=top_ok,
         smallest=bot, smallest_residuals=bot_rho, smallest_converged=bot_ok,
         nodes=result.nodes, weights=result.weights, node_residuals=result.residuals,
-        node_valid=result.valid, fractions=fr, tolerance=tau,
+        node_valid=result.valid, node_coupling=result.coupling, fractions=fr, tolerance=tau,
         tolerance_rel=tau / jnp.where(scale > 0, scale, 1.0), machine_tolerance=machine,
         resolved=_sign_widths(fr) <= resolve_width, grid_tolerance=grid,
         grid_fractions=grid_fr, verdict=verdict, escape_direction=ys[0],

@@ -49,6 +49,11 @@ class SLQResult(NamedTuple):
     :math:`\lVert \Pi z_l\rVert^2/n < 1`; its normalized quadrature is scaled by it."""
     deflated: Optional[Array] = None
     """(k,) Eigenvalue estimates taken out before the runs (deflated Ritz values; NaN: none)."""
+    coupling: Optional[Array] = None
+    r"""(n_v, m) Signed :math:`\beta_m s_{1i} s_{mi}` per node (first times last eigenvector
+    component of :math:`T_m`): the residual of the probe's projection on a group of Ritz
+    vectors is :math:`|\sum_i \beta_m s_{1i}s_{mi}|`, which cancels across a cluster. None:
+    bounded by :math:`\sum_i \rho_i\sqrt{w_i}`."""
     slack: Optional[Array] = None
     r"""Weyl slack :math:`e`: every eigenvalue of the operator is within :math:`e` of one of
     ``deflated`` or of the deflated operator's (``None``: 0)."""
@@ -90,9 +95,11 @@ def slq(
         last = vectors[res.num_valid - 1]
         weights = jnp.where(res.valid, vectors[0] ** 2, 0.0)
         residuals = jnp.where(res.valid, jnp.abs(res.betas[res.num_valid - 1] * last), 0.0)
-        return nodes, weights, residuals, res.valid
+        coupling = jnp.where(res.valid, res.betas[res.num_valid - 1] * last * vectors[0], 0.0)
+        return nodes, weights, residuals, res.valid, coupling
 
-    return SLQResult(*jax.vmap(one_probe)(probes), jnp.asarray(dim))
+    nodes, weights, residuals, valid, coupling = jax.vmap(one_probe)(probes)
+    return SLQResult(nodes, weights, residuals, valid, jnp.asarray(dim), coupling=coupling)
 
 
 def _valid_span(result: SLQResult) -> Array:
@@ -202,7 +209,7 @@ def _neighbours(theta):
     return prev, jnp.concatenate([theta[1:], jnp.array([jnp.inf])])
 
 
-def _mass_below(theta, w, rho, valid, t):
+def _mass_below(theta, w, rho, valid, t, coupling, floor):
     """Lower bound on mu(-inf, t) from ascending nodes (invalid ones at +-inf, weight 0)."""
     m = theta.shape[0]
     below2 = jnp.concatenate([jnp.zeros(2), jnp.cumsum(w)[:-2]])[:m]  # sum_{i <= k-2} w_i
@@ -218,11 +225,50 @@ def _mass_below(theta, w, rho, valid, t):
     half = _localized(theta, w, rho, inside, jnp.minimum(t - theta, gap))
     first = _localized(theta, w, rho, inside, jnp.minimum(reach, (nxt - theta) / 2))
     chain = below2 + first + (jnp.sum(half) - jnp.cumsum(half))
-    best = jnp.max(jnp.where(inside, jnp.maximum(single, chain), 0.0))
+    # Nodes k..j (j the last node below t) localized together (see _block_localized).
+    j = jnp.max(jnp.where(inside, jnp.arange(m), 0))  # valid nodes are contiguous
+    block = below2 + _block_localized(theta, w, coupling, valid, floor, jnp.arange(m), j,
+                                      jnp.minimum(t - theta[j], theta - prev), inside)
+    best = jnp.max(jnp.where(inside, jnp.maximum(jnp.maximum(single, chain), block), 0.0))
     return jnp.maximum(cms, best)
 
 
-def _probe_bounds(nodes, weights, residuals, valid, tol, slack=0.0):
+def _prefix(x):
+    """Exclusive prefix sums: out[k] = sum_{i<k} x_i."""
+    return jnp.concatenate([jnp.zeros(1), jnp.cumsum(x)])
+
+
+def _block_localized(theta, w, coupling, valid, floor, k, j, delta, ok):
+    r"""Lower bound on :math:`\mu_v(I)`, :math:`I = (\theta_k - \delta, \theta_j + \delta)`,
+    from the Ritz pairs k..j together (vectorized over k, for one j).
+
+    With :math:`Y` their Ritz vectors, :math:`W = \sum_{i=k}^j w_i` and the unit vector
+    :math:`x = YY^\top v/\sqrt W` (:math:`x^\top v = \sqrt W`): about the centre
+    :math:`\sigma` of I, :math:`(H - \sigma)x = Y(\Theta - \sigma)Y^\top v/\sqrt W +
+    q_{m+1}\sum_i \beta_m s_{1i}s_{mi}/\sqrt W`, two orthogonal parts, so
+    :math:`\lVert(H-\sigma)x\rVert^2 = (\sum_i (\theta_i-\sigma)^2 w_i + c^2)/W` with
+    :math:`c = \sum_i \beta_m s_{1i}s_{mi}`. Every eigenvector outside I is at least
+    :math:`h = (\theta_j - \theta_k)/2 + \delta` from :math:`\sigma`, so
+    :math:`\lVert(1-P_I)x\rVert \le \lVert(H-\sigma)x\rVert/h` and
+    :math:`\mu_v(I) = \lVert P_I v\rVert^2 \ge (\sqrt W - \lVert(H-\sigma)x\rVert/h)_+^2`.
+    One node is the single-pair bound; a cluster of close Ritz values, which single pairs
+    cannot separate, is localized as a whole, and its residuals partly cancel in c.
+    """
+    ok = ok & (delta > 0) & (k <= j)
+    t_safe = jnp.where(valid, theta, 0.0)
+    cw, c1, c2, cc = (_prefix(x) for x in (w, w * t_safe, w * t_safe**2, coupling))
+    mass = cw[j + 1] - cw[k]
+    sigma = (t_safe[k] + t_safe[j]) / 2
+    spread2 = (c2[j + 1] - c2[k]) - 2 * sigma * (c1[j + 1] - c1[k]) + sigma**2 * mass
+    c = jnp.abs(cc[j + 1] - cc[k])
+    safe_mass = jnp.where(mass > 0, mass, 1.0)
+    num = jnp.sqrt(jnp.maximum(spread2 + c**2, 0.0) / safe_mass) + floor
+    h = jnp.where(ok, (t_safe[j] - t_safe[k]) / 2 + delta, 1.0)
+    root = jnp.sqrt(jnp.maximum(mass, 0.0)) - num / h
+    return jnp.where(ok & (mass > 0), jnp.maximum(root, 0.0) ** 2, 0.0)
+
+
+def _probe_bounds(nodes, weights, residuals, valid, tol, slack=0.0, coupling=None):
     """Per-probe (lo, hi) for the positive, negative, null masses; see ``slq_fractions``.
 
     With ``slack`` e > 0 the lower bounds are taken at thresholds moved outwards by e and the
@@ -232,19 +278,31 @@ def _probe_bounds(nodes, weights, residuals, valid, tol, slack=0.0):
     theta = jnp.where(valid, nodes, jnp.inf)  # ascending over all m slots
     w = jnp.where(valid, weights, 0.0)
     scale = jnp.max(jnp.where(valid, jnp.abs(nodes), 0.0))
-    rho = residuals + m * jnp.finfo(theta.dtype).eps * scale  # rounding floor
+    floor = m * jnp.finfo(theta.dtype).eps * scale  # rounding floor
+    rho = residuals + floor
+    # without the signed couplings, |sum beta s_1i s_mi| <= sum rho_i sqrt(w_i)
+    cpl = jnp.where(valid, rho * jnp.sqrt(w) if coupling is None else coupling, 0.0)
     total = jnp.sum(w)
-    below = lambda t: _mass_below(theta, w, rho, valid, t)  # noqa: E731
+    below = lambda t: _mass_below(theta, w, rho, valid, t, cpl, floor)  # noqa: E731
     # mu(t, inf) for A is mu(-inf, -t) for -A, whose nodes are -theta reversed.
-    above = lambda t: _mass_below(-theta[::-1], w[::-1], rho[::-1], valid[::-1], -t)  # noqa
+    above = lambda t: _mass_below(-theta[::-1], w[::-1], rho[::-1], valid[::-1],  # noqa: E731
+                                  -t, cpl[::-1], floor)
     pos_lo, neg_lo = above(tol + slack), below(-tol - slack)
     pos_hi, neg_hi = total - below(tol - slack), total - above(-tol + slack)
     inner = tol - slack
     prev, nxt = _neighbours(theta)
     gap = jnp.minimum(theta - prev, nxt - theta) / 2
     delta = jnp.minimum(jnp.minimum(theta + inner, inner - theta), gap)
-    direct = jnp.sum(_localized(theta, w, rho, valid & (jnp.abs(theta) < inner), delta))
-    null_lo = jnp.maximum(total - pos_hi - neg_hi, direct)
+    between = valid & (jnp.abs(theta) < inner)
+    direct = jnp.sum(_localized(theta, w, rho, between, delta))
+    # all nodes inside (-inner, inner) localized together
+    idx = jnp.arange(m)
+    k = jnp.min(jnp.where(between, idx, m - 1))
+    j = jnp.max(jnp.where(between, idx, 0))
+    t_safe = jnp.where(valid, theta, 0.0)
+    block = _block_localized(theta, w, cpl, valid, floor, k, j,
+                             jnp.minimum(t_safe[k] + inner, inner - t_safe[j]), jnp.any(between))
+    null_lo = jnp.maximum(total - pos_hi - neg_hi, jnp.maximum(direct, block))
     null_hi = total - pos_lo - neg_lo
     clip = lambda x: jnp.clip(x, 0.0, 1.0)  # noqa: E731
     return tuple(map(clip, (pos_lo, pos_hi, neg_lo, neg_hi, null_lo, null_hi)))
@@ -309,6 +367,12 @@ def slq_fractions(result: SLQResult, tol: float, *, z: float = 2.0) -> SpectralF
        the exact mass. The best :math:`k` of both families is used; the mirror image
        (nodes of :math:`-A`) bounds the mass above :math:`t`. For the null mass, disjoint
        intervals around the nodes inside :math:`(-\tau, \tau)` give a direct lower bound.
+       A third family localizes consecutive nodes k..j (j the last node below t) as one group
+       (:func:`_block_localized`): their Ritz residuals share one direction
+       :math:`q_{m+1}` and partly cancel, so a cluster whose Ritz values are closer together
+       than their residuals (the null cluster of a network Hessian, seen by several nodes)
+       is still resolved; the nodes inside :math:`(-\tau, \tau)` are also bounded as one
+       group for the null mass.
        :math:`\rho_k` is floored at :math:`m\epsilon \max|\theta|` for rounding.
 
     Positive :math:`= 1 - F(\tau)`, negative :math:`= F(-\tau - 0)`, null = the rest; each
@@ -341,8 +405,9 @@ def slq_fractions(result: SLQResult, tol: float, *, z: float = 2.0) -> SpectralF
     thresholds :math:`\pm(\tau + e)` and upper bounds at :math:`\pm(\tau - e)`.
     """
     slack = 0.0 if result.slack is None else result.slack
-    bounds = jax.vmap(_probe_bounds, in_axes=(0, 0, 0, 0, None, None))(
-        result.nodes, result.weights, result.residuals, result.valid, tol, slack
+    bounds = jax.vmap(_probe_bounds, in_axes=(0, 0, 0, 0, None, None, 0))(
+        result.nodes, result.weights, result.residuals, result.valid, tol, slack,
+        result.coupling
     )
     w, theta = result.weights, result.nodes
     mass = jnp.ones(theta.shape[0]) if result.mass is None else result.mass

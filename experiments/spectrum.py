@@ -115,7 +115,8 @@ SPEC_FIELDS = ("lambda_min", "lambda_max", "lambda_min_converged", "lambda_max_c
                "tolerance_rel", "machine_tolerance", "resolved", "num_deflated", "slack",
                "deflated", "probe_mass", "probe_steps", "lambda_max_bound", "escape_direction",
                "grid_tolerance", "num_matvecs", "nodes", "weights", "node_residuals",
-               "node_valid", "largest", "largest_residuals", "smallest", "smallest_residuals")
+               "node_valid", "node_coupling", "largest", "largest_residuals", "smallest",
+               "smallest_residuals")
 # Fields of crit.verdict.Verdict kept per snapshot (prefixed "verdict_").
 VERDICT_FIELDS = ("code", "negative_proven", "lambda_min_bound", "ritz_value", "ritz_residual",
                   "excluded_below", "miss_probability", "allowance")
@@ -691,7 +692,7 @@ def write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad) -> 
         "step": np.asarray(snapshots), "n_params": np.asarray(problem.n_params),
         "nodes": stack("spec_nodes"), "weights": stack("spec_weights"),
         "node_residuals": stack("spec_node_residuals"), "node_valid": stack("spec_node_valid"),
-        "probe_mass": stack("spec_probe_mass"), "deflated": stack("spec_deflated"),
+        "node_coupling": stack("spec_node_coupling"), "probe_mass": stack("spec_probe_mass"), "deflated": stack("spec_deflated"),
         "slack": stack("spec_slack"),
         "ritz_largest": stack("spec_largest"),
         "ritz_largest_residuals": stack("spec_largest_residuals"),

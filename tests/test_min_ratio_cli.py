@@ -271,3 +271,25 @@ def test_lanczos_mode_agrees_with_dense(tmp_path):
         assert float(k["lambda_min_bound"]) >= float(d["lambda_min"]) - 1e-12
     with np.load(tmp_path / "lanczos" / "spectra.npz", allow_pickle=False) as s:
         assert s["slq_nodes"].shape == (2, 6, 40) and "eigenvalues" not in s.files
+
+
+def test_krylov_and_dense_verdicts_agree_at_certified_points(tmp_path):
+    """A P = 9 net with L2 0.05 where gradient-norm descent certifies every point (the same
+    finder, so the same points in both modes): the dense verdict (exact eigenvalues) and the
+    Krylov one (HVPs only) agree at each, and the summary counts them."""
+    common = ["--dataset=gaussian", "--widths=2", "--n_points=16", "--dim_in=2", "--l2=0.05",
+              "--num_inits=4", "--train_steps=300", "--learning_rate=0.05",
+              "--finder=gradnorm", "--finder_steps=2000", "--finder_lr=0.01",
+              "--progress=false"]
+    dense = run_app(*common, "--hessian=dense", f"--out_dir={tmp_path / 'dense'}")
+    krylov = run_app(*common, "--hessian=lanczos", "--lanczos_steps=12", "--slq_probes=2",
+                     f"--out_dir={tmp_path / 'lanczos'}")
+    d_rows = read_rows(tmp_path / "dense" / "results.csv")
+    k_rows = read_rows(tmp_path / "lanczos" / "results.csv")
+    for d, k in zip(d_rows, k_rows):
+        assert d["status"] == k["status"] == "critical"
+        assert d["verdict"] == "minimum" and k["verdict"] == "no_negative_found"
+        assert d["negative_proven"] == k["negative_proven"] == "False"
+        assert 0 <= float(k["negative_excluded_below"]) < 1e-6 * float(k["lambda_max"])
+    assert "verdicts: minimum (all eigenvalues > τ) 4" in dense.stdout
+    assert "verdicts: no negative eigenvalue found 4" in krylov.stdout

@@ -24,7 +24,7 @@ KRYLOV_COLUMNS = ["step", "loss", "grad_norm", "verdict", "negative_proven", "la
 CDF = [f"cdf_{name}_{part}" for name in ("min_ratio", "index", "null_fraction")
        for part in ("est", "lo", "hi")]
 NPZ_KEYS = ["step", "n_params", "nodes", "weights", "node_residuals", "node_valid",
-            "probe_mass", "deflated", "slack", "ritz_largest", "ritz_largest_residuals",
+            "node_coupling", "probe_mass", "deflated", "slack", "ritz_largest", "ritz_largest_residuals",
             "ritz_smallest", "ritz_smallest_residuals", "escape_direction", "tolerance",
             "grid_tolerance", "train_step", "train_loss", "train_grad_norm", "grid", "density",
             "log_grid", "log_density_pos", "log_density_neg", *CDF]
