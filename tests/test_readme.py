@@ -28,3 +28,4 @@ def test_library_api_examples_run(capsys):
         exec(compile(block, "README.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert "[-2.  2.] 1 1 0" in out
+    assert "saddle_proven True" in out
