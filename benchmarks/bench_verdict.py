@@ -125,7 +125,6 @@ def part_planted():
 
 def part_network():
     import jax
-    import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
     from crit.hessian import hvp_operator
@@ -155,11 +154,12 @@ def part_network():
         spec = run(matvec, theta.size, f"deflation + adaptive, {probes} probes, budget 1000 "
                    "(target 1e-7)", num_steps=steps, num_probes=probes, max_steps=max_steps,
                    target_rel_tol=1e-7)
-    fr = spec.grid_fractions
+    fr = spec.grid_fractions  # of the last run above (4 probes)
     print("    τ/λ_max   min ratio [interval]        index [interval]")
     for g, rel in enumerate(REL_TOL_GRID):
         if rel >= 1e-7:
-            print(f"    {rel:8.1e}  {float(fr.positive.mean[g]):.4f} [{float(fr.positive.lo[g]):.4f}"
+            print(f"    {rel:8.1e}  {float(fr.positive.mean[g]):.4f} "
+                  f"[{float(fr.positive.lo[g]):.4f}"
                   f", {float(fr.positive.hi[g]):.4f}]  {float(fr.negative.mean[g]):.4f} "
                   f"[{float(fr.negative.lo[g]):.4f}, {float(fr.negative.hi[g]):.4f}]")
     v = spec.verdict
@@ -168,10 +168,9 @@ def part_network():
           f"({float(v.lambda_min_bound) / lam_max:.2e}·λ_max), proven: "
           f"{bool(v.negative_proven)}")
     hvps, bound = proof_hvps(matvec, theta.size)
-    print(f"  saddle proof after training: "
+    print("  saddle proof after training: "
           + (f"proven with {hvps} HVPs (λ_min <= {bound:.4g} = {bound / lam_max:.2e}·λ_max)"
              if hvps else "not proven within 101 HVPs"), flush=True)
-    del jnp
 
 
 def main():

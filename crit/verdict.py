@@ -90,7 +90,8 @@ class Verdict(NamedTuple):
     lambda_min_bound: jnp.ndarray
     r"""Certified upper bound on :math:`\lambda_{\min}`: :math:`r + \delta`."""
     ritz_value: jnp.ndarray
-    r""":math:`r = y^\top H y` of the smallest Ritz vector (dense: the exact :math:`\lambda_{\min}`)."""
+    r""":math:`r = y^\top H y` of the smallest Ritz vector (dense: the exact
+    :math:`\lambda_{\min}`)."""
     ritz_residual: jnp.ndarray
     r""":math:`\rho = \lVert Hy - ry\rVert`: an eigenvalue lies in :math:`[r-\rho, r+\rho]`
     (dense: 0)."""
