@@ -4,7 +4,9 @@
     python -m experiments.training_curves --finder=gradnorm    # the homework's ½‖∇L‖² descent
 
 Protocol: run i starts from ``init_fn(fold_in(PRNGKey(seed), i))``; ``--train_steps`` full-batch
-optimizer steps (``crit.train.train``, vmapped over the runs) log the loss and the full-batch
+optimizer steps (``crit.train.train``, vmapped over the runs; ``crit.train.train_model`` for a
+model with BatchNorm, whose running statistics are trained alongside and then fixed: the log and
+the finder use L(θ; state)) log the loss and the full-batch
 gradient norm ‖∇L‖ = sqrt(Σ_p ‖∂L/∂p‖²) every ``--log_every`` steps. The end point (cast to
 float64) is then handed to the finder (``--finder``): damped Newton records ‖∇L‖ after every
 iteration, gradient-norm descent every ``--log_every`` steps. A run is called critical only if
@@ -26,9 +28,10 @@ from absl import app, flags
 from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import store
 from crit.critical import gradient_norm_descent, newton_critical_point
-from crit.train import cast_params, log_steps, make_optimizer, train, tree_norm
+from crit.train import cast_params, log_steps, make_optimizer, train, train_model, tree_norm
 
 FLAGS = flags.FLAGS
+TRAINS_STATE = True  # trains BatchNorm statistics with the weights (experiments/model_flags)
 flags.DEFINE_integer("num_runs", 3, "Independent runs (vmapped), overlaid in the figure; run i "
                      "uses init fold_in(PRNGKey(seed), i).")
 flags.DEFINE_integer("seed", 0, "Root seed of the initializations.")
@@ -68,21 +71,32 @@ def run_all(problem) -> dict:
     dtype = jnp.float32 if FLAGS.train_dtype == "float32" else jnp.float64
     steps = common.finder_steps()
     root = jax.random.PRNGKey(FLAGS.seed)
-    loss_and_grad = jax.value_and_grad(problem.loss_fn)
 
     def one_run(i):
-        params = cast_params(problem.init_fn(jax.random.fold_in(root, i)), dtype)
-        params, log = train(problem.loss_fn, optimizer, params, FLAGS.train_steps,
-                            FLAGS.log_every)
+        key = jax.random.fold_in(root, i)
+        params = cast_params(problem.init_fn(key), dtype)
+        if problem.has_state:
+            # BatchNorm: batch statistics in training, running ones updated alongside; the
+            # log, the finder and the certificate then use L(θ; state) with the state fixed
+            state = cast_params(problem.init_state_fn(key), dtype)
+            params, state, log = train_model(problem, optimizer, params, state,
+                                             jax.random.fold_in(key, 2), FLAGS.train_steps,
+                                             FLAGS.log_every)
+            loss_fn = problem.bind_state(cast_params(state, jnp.float64))
+        else:
+            params, log = train(problem.loss_fn, optimizer, params, FLAGS.train_steps,
+                                FLAGS.log_every)
+            loss_fn = problem.loss_fn
+        loss_and_grad = jax.value_and_grad(loss_fn)
         params = cast_params(params, jnp.float64)
         start_loss, start_grad = loss_and_grad(params)
         if FLAGS.finder == "newton":
-            found = newton_critical_point(problem.loss_fn, params, max_iters=steps,
+            found = newton_critical_point(loss_fn, params, max_iters=steps,
                                           grad_tol=FLAGS.grad_tol)
             # history[k] is ‖∇L‖ after iteration k + 1; iteration 0 is the finder's start.
             history = jnp.concatenate([tree_norm(start_grad)[None], found.history])
         else:
-            found = gradient_norm_descent(problem.loss_fn, params, num_steps=steps,
+            found = gradient_norm_descent(loss_fn, params, num_steps=steps,
                                           learning_rate=FLAGS.finder_lr,
                                           grad_tol=FLAGS.grad_tol, log_every=FLAGS.log_every)
             history = found.history  # ‖∇L‖ at steps 0, log_every, ... (before each update)

@@ -160,6 +160,22 @@ def test_landscape_apps_take_a_cnn(app, tmp_path):
     assert protocol["model_arg"] == [a.split("=", 1)[1] for a in CNN[2:]]
 
 
+def test_training_curves_trains_batchnorm_state(tmp_path):
+    out = tmp_path / "tc"
+    proc = run_app("training_curves", "--model=resnet", "--dataset=digits_images",
+                   "--model_arg=depth=8", "--model_arg=width=1", "--n_points=10",
+                   "--num_runs=2", "--train_steps=3", "--log_every=1", "--finder_steps=2",
+                   f"--out_dir={out}")
+    rows = read_rows(out / "runs.csv")
+    assert len(rows) == 2 and all(np.isfinite(float(r["final_loss"])) for r in rows)
+    protocol = json.loads((out / "config.json").read_text())["protocol"]
+    assert protocol["model"] == "resnet" and protocol["batchnorm"] == "eval"
+    with np.load(out / "curves.npz", allow_pickle=False) as c:
+        # the logged full-data loss moves with training (state and weights both change)
+        assert c["train_loss"].shape[1] == 4 and np.all(np.isfinite(c["train_loss"]))
+    del proc
+
+
 def test_apps_that_do_not_train_batchnorm_state_refuse_such_models(tmp_path):
     out = tmp_path / "never"
     proc = run_app("sharpness", "--model=resnet", "--dataset=digits_images",
