@@ -183,3 +183,21 @@ def test_krylov_verdict_agrees_with_dense_at_every_certified_point_of_a_small_ne
         assert float(k.verdict.lambda_min_bound) >= float(eigs.min()) - 1e-12
         seen.add(int(dense.code))
     assert SADDLE_PROVEN in seen and seen - {SADDLE_PROVEN}  # both kinds were checked
+
+
+def test_adaptive_runs_under_vmap_equal_a_loop():
+    """min_ratio vmaps krylov_spectrum over inits: the adaptive while_loop must stop each
+    element where it would alone (keys that need different numbers of blocks)."""
+    lam = bulk(n=3000)
+    mv = planted(lam)
+    fn = jax.jit(lambda key: krylov_spectrum(mv, key, lam.size, num_steps=10, num_probes=2,
+                                             max_steps=120, target_tol=2e-3, tol=2e-3))
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    batched = jax.jit(jax.vmap(fn))(keys)
+    for i in range(3):
+        one = fn(keys[i])
+        assert int(batched.probe_steps[i]) == int(one.probe_steps)
+        for name in ("min_ratio", "min_ratio_lo", "min_ratio_hi", "tolerance"):
+            np.testing.assert_allclose(getattr(batched, name)[i], getattr(one, name),
+                                       rtol=1e-9, atol=1e-12, err_msg=name)
+        assert int(batched.verdict.code[i]) == int(one.verdict.code)
