@@ -157,7 +157,8 @@ def minibatch_train(batch_loss_fn: Callable, optimizer: optax.GradientTransforma
 
 
 def train_model(problem, optimizer: optax.GradientTransformation, params: Params, state,
-                key: jax.Array, num_steps: int, log_every: int = 10, batch_size: int = 0):
+                key: jax.Array, num_steps: int, log_every: int = 10, batch_size: int = 0,
+                keep_snapshots: bool = False):
     """Train a problem that has state (BatchNorm) or uses mini-batches; one init, vmap-able.
 
     Each step takes ``problem.train_loss_fn`` on a batch of ``batch_size`` rows (0: all rows),
@@ -167,8 +168,10 @@ def train_model(problem, optimizer: optax.GradientTransformation, params: Params
     records the *full-data* loss and gradient norm of ``problem.loss_fn`` (evaluation mode,
     the current state) at steps 0, log_every, ... and the end, like :func:`train`.
 
-    Returns ``(params, state, TrainLog)``. For a stateless problem trained full batch,
-    :func:`train` computes the same in one pass and is what the protocol uses.
+    Returns ``(params, state, TrainLog)``; with ``keep_snapshots`` also ``(params, state)``
+    at every logged step, stacked on a leading axis (the training path). For a stateless
+    problem trained full batch, :func:`train` computes the same in one pass and is what the
+    protocol uses.
     """
     n = problem.dataset.n_train
     x = jnp.asarray(problem.dataset.x_train)
@@ -194,21 +197,24 @@ def train_model(problem, optimizer: optax.GradientTransformation, params: Params
 
     def record(carry):
         loss, g = full(carry[0], carry[1])
-        return loss, tree_norm(g)
+        return (loss, tree_norm(g)) + ((carry[0], carry[1]) if keep_snapshots else ())
 
     def block(carry, start):
         logged = record(carry)
         carry, _ = jax.lax.scan(step, carry, start + jnp.arange(log_every))
         return carry, logged
 
+    def append(stacked, one):
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), stacked, one)
+
     carry = (params, state, optimizer.init(params))
     n_blocks, tail = divmod(num_steps, log_every)
-    carry, (losses, norms) = jax.lax.scan(block, carry, jnp.arange(n_blocks) * log_every)
+    carry, logged = jax.lax.scan(block, carry, jnp.arange(n_blocks) * log_every)
     if tail:
-        loss, norm = record(carry)
-        losses, norms = jnp.concatenate([losses, loss[None]]), jnp.concatenate([norms, norm[None]])
+        logged = append(logged, record(carry))
         carry, _ = jax.lax.scan(step, carry, n_blocks * log_every + jnp.arange(tail))
-    loss, norm = record(carry)
-    losses = jnp.concatenate([losses, loss[None]])
-    norms = jnp.concatenate([norms, norm[None]])
-    return carry[0], carry[1], TrainLog(log_steps(num_steps, log_every), losses, norms)
+    logged = append(logged, record(carry))
+    log = TrainLog(log_steps(num_steps, log_every), logged[0], logged[1])
+    if keep_snapshots:
+        return carry[0], carry[1], log, (logged[2], logged[3])
+    return carry[0], carry[1], log

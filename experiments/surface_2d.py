@@ -7,6 +7,9 @@
 Protocol: one model from ``init_fn(fold_in(PRNGKey(seed), 0))`` is trained full-batch (common
 optimizer flags; a snapshot every ``--record_every`` steps) and its end point is refined by the
 critical-point finder (``--finder``) into θ*, certified critical iff ‖∇L(θ*)‖ ≤ ``--grad_tol``.
+A model with BatchNorm trains its running statistics alongside (``crit.train.train_model``);
+they are then fixed at their final values, and the path, the finder and the plane all use
+L(θ; state) in eval mode.
 The plane is L(θ* + α δ + β η) on a ``--grid`` × ``--grid`` lattice over [−extent, extent]²,
 evaluated in vmapped groups of ``--vmap_width`` points, with
 
@@ -37,9 +40,11 @@ from experiments import common, model_flags  # noqa: F401  (--model, --data_file
 from crit import landscape, store
 from crit.critical import find_critical_point
 from crit.hessian import dense_hessian
-from crit.train import cast_params, make_optimizer, train_with_snapshots, tree_norm
+from crit.train import (cast_params, make_optimizer, train_model, train_with_snapshots,
+                        tree_norm)
 
 FLAGS = flags.FLAGS
+TRAINS_STATE = True  # trains BatchNorm statistics with the weights (experiments/model_flags)
 flags.DEFINE_integer("seed", 0, "Root seed; the model uses init fold_in(PRNGKey(seed), 0).")
 flags.DEFINE_enum("directions", "random", ["random", "hessian"], "Plane directions: "
                   "filter-normalized Gaussian, or the top two Hessian eigenvectors (P <= "
@@ -108,26 +113,37 @@ def find_minimum(problem):
     @jax.jit
     def run():
         params = cast_params(problem.init_fn(init_key), dtype)
-        snaps = cast_params(train_with_snapshots(problem.loss_fn, optimizer, params,
-                                                 FLAGS.train_steps, FLAGS.record_every),
-                            jnp.float64)
+        if problem.has_state:
+            # BatchNorm: running statistics trained alongside (batch statistics in training),
+            # then fixed; the path, the finder and the surface use L(θ; state at the end)
+            state = cast_params(problem.init_state_fn(init_key), dtype)
+            _, state, _, (snaps, _) = train_model(
+                problem, optimizer, params, state, jax.random.fold_in(init_key, 2),
+                FLAGS.train_steps, FLAGS.record_every, keep_snapshots=True)
+            snaps, state = cast_params(snaps, jnp.float64), cast_params(state, jnp.float64)
+        else:
+            snaps = cast_params(train_with_snapshots(problem.loss_fn, optimizer, params,
+                                                     FLAGS.train_steps, FLAGS.record_every),
+                                jnp.float64)
+            state = {}
+        loss_fn = problem.bind_state(state)
         start = jax.tree.map(lambda s: s[-1], snaps)
-        found = find_critical_point(problem.loss_fn, start, FLAGS.finder, FLAGS.grad_tol,
-                                    **kwargs)
-        loss, grad = jax.value_and_grad(problem.loss_fn)(found.params)
-        snap_loss = jax.vmap(problem.loss_fn)(snaps)
-        return snaps, snap_loss, found.params, loss, tree_norm(grad)
+        found = find_critical_point(loss_fn, start, FLAGS.finder, FLAGS.grad_tol, **kwargs)
+        loss, grad = jax.value_and_grad(loss_fn)(found.params)
+        snap_loss = jax.vmap(loss_fn)(snaps)
+        return snaps, snap_loss, found.params, loss, tree_norm(grad), state
 
-    return run(), init_key
+    *found, state = run()
+    return tuple(found), init_key, problem.bind_state(state)
 
 
-def plane_directions(problem, theta_star, init_key):
+def plane_directions(loss_fn, theta_star, init_key):
     """(d1, d2, info): the two directions as pytrees and what they are."""
     if FLAGS.directions == "random":
         draw = lambda j, t: landscape.filter_normalized_direction(jax.random.fold_in(init_key, j), t)
         d1, d2 = jax.jit(lambda t: (draw(1, t), draw(2, t)))(theta_star)
         return d1, d2, {}
-    hess = np.asarray(jax.jit(dense_hessian, static_argnums=0)(problem.loss_fn, theta_star))
+    hess = np.asarray(jax.jit(lambda t: dense_hessian(loss_fn, t))(theta_star))
     lam, vec = np.linalg.eigh(hess)  # ascending; dense_hessian is already symmetrized
     _, unravel = ravel_pytree(theta_star)
     dirs = []
@@ -138,10 +154,10 @@ def plane_directions(problem, theta_star, init_key):
     return dirs[0], dirs[1], {"hessian_eigenvalues": lam}
 
 
-def on_plane(problem, alphas, theta_star, d1, d2, snaps):
+def on_plane(loss_fn, alphas, theta_star, d1, d2, snaps):
     """The grid of losses and the path's plane coordinates, off-plane residuals and distances
     to θ* (the path is the training snapshots followed by θ* itself)."""
-    loss = landscape.surface_2d(problem.loss_fn, theta_star, d1, d2, alphas, alphas,
+    loss = landscape.surface_2d(loss_fn, theta_star, d1, d2, alphas, alphas,
                                 FLAGS.vmap_width)
     path = jax.tree.map(lambda s, t: jnp.concatenate([s, t[None]]), snaps, theta_star)
     coef = landscape.project_onto_plane(path, theta_star, d1, d2)
@@ -215,12 +231,13 @@ def main(argv):
     print(f"{problem.name}: P = {problem.n_params}; {FLAGS.train_steps} {FLAGS.optimizer} steps, "
           f"{FLAGS.finder} refinement, {FLAGS.grid}×{FLAGS.grid} grid on "
           f"[-{FLAGS.extent:g}, {FLAGS.extent:g}]², {FLAGS.directions} directions")
-    (snaps, snap_loss, theta_star, loss_star, gnorm_star), init_key = find_minimum(problem)
+    (snaps, snap_loss, theta_star, loss_star, gnorm_star), init_key, loss_fn = find_minimum(
+        problem)
     critical = bool(gnorm_star <= FLAGS.grad_tol)
-    d1, d2, info = plane_directions(problem, theta_star, init_key)
+    d1, d2, info = plane_directions(loss_fn, theta_star, init_key)
 
     alphas = np.linspace(-FLAGS.extent, FLAGS.extent, FLAGS.grid)
-    out = jax.tree.map(np.asarray, jax.jit(lambda *a: on_plane(problem, alphas, *a))(
+    out = jax.tree.map(np.asarray, jax.jit(lambda *a: on_plane(loss_fn, alphas, *a))(
         theta_star, d1, d2, snaps))
     loss, residual = out["loss"], out["residual"]
     n_snap = jax.tree.leaves(snaps)[0].shape[0]

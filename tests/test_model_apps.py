@@ -160,6 +160,17 @@ def test_landscape_apps_take_a_cnn(app, tmp_path):
     assert protocol["model_arg"] == [a.split("=", 1)[1] for a in CNN[2:]]
 
 
+def test_surface_2d_trains_batchnorm_state(tmp_path):
+    out = tmp_path / "s2d"
+    run_app("surface_2d", "--model=resnet", "--dataset=digits_images", "--model_arg=depth=8",
+            "--model_arg=width=1", "--n_points=10", "--train_steps=4", "--record_every=2",
+            "--finder_steps=2", "--grid=3", f"--out_dir={out}")
+    with np.load(out / "surface.npz", allow_pickle=False) as s:
+        assert all(np.all(np.isfinite(s[k])) for k in s.files if s[k].dtype.kind == "f")
+    protocol = json.loads((out / "config.json").read_text())["protocol"]
+    assert protocol["model"] == "resnet" and protocol["batchnorm"] == "eval"
+
+
 def test_training_curves_trains_batchnorm_state(tmp_path):
     out = tmp_path / "tc"
     proc = run_app("training_curves", "--model=resnet", "--dataset=digits_images",
