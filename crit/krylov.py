@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crit.lanczos import (lanczos_advance, lanczos_start, lanczos_tridiag, tridiag_eigh)
-from crit.slq import SLQResult, SpectralFractions, slq_fractions
+from crit.slq import SLQResult, SpectralFractions, ritz_quadrature, slq_fractions
 from crit.verdict import MISS_PROBABILITY, Verdict, krylov_verdict
 
 Array = jax.Array
@@ -171,23 +171,11 @@ def krylov_tolerance(ritz_values: Array, dim: int, scale: float = 1.0) -> Array:
     return scale * dim * EPS64 * jnp.nanmax(jnp.abs(ritz_values))
 
 
-def _quadrature_of(alphas, betas, valid):
-    """Ritz values, first-component weights, residual estimates, validity and signed couplings
-    (:attr:`crit.slq.SLQResult.coupling`) of one run's valid prefix."""
-    nodes, vectors = tridiag_eigh(alphas, betas, valid)
-    nv = jnp.sum(valid)
-    last = vectors[jnp.maximum(nv - 1, 0)]
-    beta = betas[jnp.maximum(nv - 1, 0)]
-    weights = jnp.where(valid, vectors[0] ** 2, 0.0)
-    residuals = jnp.where(valid, jnp.abs(beta * last), 0.0)
-    return nodes, weights, residuals, valid, jnp.where(valid, beta * last * vectors[0], 0.0)
-
-
 def _quadrature(matvec, v, num_steps, reorthogonalize):
     """Ritz values, first-component weights, residual estimates and validity of one run."""
     res = lanczos_tridiag(matvec, v, num_steps, reorthogonalize=reorthogonalize,
                           return_basis=False)
-    return _quadrature_of(res.alphas, res.betas, res.valid)
+    return ritz_quadrature(res.alphas, res.betas, res.valid)
 
 
 def _ends(nodes, residuals, valid, k, conv_tol):
@@ -343,7 +331,7 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
     ext = lanczos_tridiag(matvec, start / jnp.linalg.norm(start), num_steps,
                           reorthogonalize=reorthogonalize)
     values, vectors = tridiag_eigh(ext.alphas, ext.betas, ext.valid)
-    e_nodes, _, e_res, e_valid, _ = _quadrature_of(ext.alphas, ext.betas, ext.valid)
+    e_nodes, _, e_res, e_valid, _ = ritz_quadrature(ext.alphas, ext.betas, ext.valid)
     (top, top_rho, top_ok), (bot, bot_rho, bot_ok) = _ends(e_nodes, e_res, e_valid, k,
                                                            conv_tol)
     scale = jnp.max(jnp.where(e_valid, jnp.abs(e_nodes), 0.0))
@@ -401,7 +389,7 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         states = jax.vmap(lambda v: lanczos_start(v, total))(probes)
 
         def quad_of(st):
-            return jax.vmap(_quadrature_of)(st.alphas, st.betas, st.valid)
+            return jax.vmap(ritz_quadrature)(st.alphas, st.betas, st.valid)
 
         def sharp(st):
             fr = slq_fractions(assemble(quad_of(st)), target, z=z)

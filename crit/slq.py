@@ -91,15 +91,22 @@ def slq(
         res = lanczos_tridiag(
             matvec, v, num_steps, reorthogonalize=reorthogonalize, return_basis=False
         )
-        nodes, vectors = tridiag_eigh(res.alphas, res.betas, res.valid)
-        last = vectors[res.num_valid - 1]
-        weights = jnp.where(res.valid, vectors[0] ** 2, 0.0)
-        residuals = jnp.where(res.valid, jnp.abs(res.betas[res.num_valid - 1] * last), 0.0)
-        coupling = jnp.where(res.valid, res.betas[res.num_valid - 1] * last * vectors[0], 0.0)
-        return nodes, weights, residuals, res.valid, coupling
+        return ritz_quadrature(res.alphas, res.betas, res.valid)
 
     nodes, weights, residuals, valid, coupling = jax.vmap(one_probe)(probes)
     return SLQResult(nodes, weights, residuals, valid, jnp.asarray(dim), coupling=coupling)
+
+
+def ritz_quadrature(alphas: Array, betas: Array, valid: Array):
+    r"""The Gauss quadrature of one Lanczos run's valid prefix: Ritz values (nodes), weights
+    :math:`s_{1i}^2`, residual estimates :math:`|\beta s_{mi}|`, validity, and signed
+    couplings :math:`\beta s_{1i} s_{mi}` (:attr:`SLQResult.coupling`)."""
+    nodes, vectors = tridiag_eigh(alphas, betas, valid)
+    last_step = jnp.maximum(jnp.sum(valid) - 1, 0)
+    last, beta = vectors[last_step], betas[last_step]
+    weights = jnp.where(valid, vectors[0] ** 2, 0.0)
+    residuals = jnp.where(valid, jnp.abs(beta * last), 0.0)
+    return nodes, weights, residuals, valid, jnp.where(valid, beta * last * vectors[0], 0.0)
 
 
 def _valid_span(result: SLQResult) -> Array:
