@@ -1,0 +1,326 @@
+r"""Minimum energy paths between two minima: the nudged elastic band with a climbing image.
+
+A straight line between two minima θ_a, θ_b (Goodfellow et al. 2015) only bounds the barrier
+from above: the line can climb a wall that a bent path walks around. The *minimum energy path*
+(MEP) is a curve from θ_a to θ_b along which the force is parallel to the path,
+
+.. math:: \nabla L(\theta)^{\perp} = \nabla L - (\nabla L\cdot\hat\tau)\hat\tau = 0,
+
+and its highest point is a critical point of index one when it is non-degenerate (the
+mountain-pass theorem). Its height above the higher end is the barrier,
+
+.. math:: \Delta L = \max_{s} L(\theta(s)) - \max(L(\theta_a), L(\theta_b)).
+
+**The band** (Henkelman, Uberuaga & Jónsson 2000; tangent of Henkelman & Jónsson 2000). The
+path is a chain of N images :math:`R_0 = \theta_a, R_1, \dots, R_{N-1} = \theta_b` (ends
+fixed). At interior image i with energy :math:`V_i` the *improved tangent* is
+
+.. math:: \tau_i = \begin{cases} R_{i+1} - R_i & V_{i+1} > V_i > V_{i-1} \\
+                                 R_i - R_{i-1} & V_{i+1} < V_i < V_{i-1} \\
+          (R_{i+1}-R_i)\,\Delta V^{\max} + (R_i-R_{i-1})\,\Delta V^{\min} & \text{else, } V_{i+1} > V_{i-1} \\
+          (R_{i+1}-R_i)\,\Delta V^{\min} + (R_i-R_{i-1})\,\Delta V^{\max} & \text{else}
+          \end{cases}
+
+with :math:`\Delta V^{\max/\min} = \max/\min(|V_{i+1}-V_i|, |V_{i-1}-V_i|)`, normalized to
+:math:`\hat\tau_i`. The force on image i is the perpendicular true force plus a parallel spring,
+
+.. math:: F_i = -\nabla V(R_i)^{\perp} + k\,(\lVert R_{i+1}-R_i\rVert - \lVert R_i-R_{i-1}\rVert)\,\hat\tau_i,
+
+and the *climbing image* (the highest interior image, once ``climb_after`` steps have run)
+feels no spring and the true force with its parallel component inverted,
+:math:`F_{\max} = -\nabla V + 2(\nabla V\cdot\hat\tau)\hat\tau`: it walks uphill along the path
+and downhill across it, to the saddle. The images move along F with an ``optax`` optimizer
+(Adam with a cosine-decayed step by default: scale-free, so the same defaults serve the
+Müller-Brown surface, whose gradients reach 10³, and a network's loss, whose gradients are
+10⁻³). The band is converged when the largest perpendicular force of the ordinary images and
+the full force of the climbing image are at most ``force_tol``.
+
+**Poorly resolved paths** (the AutoNEB idea of Kolsbjerg, Groves & Hammer 2016, used on
+networks by Draxler et al. 2018): :func:`insert_images` puts new images at the midpoints of the
+segments with the largest energy jumps, and :func:`autoneb` alternates band relaxation with
+insertion.
+
+Everything is a pure function of flat parameter vectors with static sizes (``lax.while_loop``
+with a step bound), so one band, the images of a band and many bands compose with ``jit`` and
+``vmap`` (:func:`many_bands`). Certification of the top of a band is in
+:mod:`crit.mountain_pass`.
+
+References
+----------
+- G. Henkelman, B. P. Uberuaga, H. Jónsson (2000). A climbing image nudged elastic band method
+  for finding saddle points and minimum energy paths. J. Chem. Phys. 113, 9901.
+- G. Henkelman, H. Jónsson (2000). Improved tangent estimate in the nudged elastic band method
+  for finding minimum energy paths and saddle points. J. Chem. Phys. 113, 9978.
+- E. L. Kolsbjerg, M. N. Groves, B. Hammer (2016). An automated nudged elastic band method.
+  J. Chem. Phys. 145, 094107.
+- F. Draxler, K. Veschgini, M. Salmhofer, F. A. Hamprecht (2018). Essentially no barriers in
+  neural network energy landscape. ICML.
+- K. Müller, L. D. Brown (1979). Location of saddle points and minimum energy paths by a
+  constrained simplex optimization procedure. Theor. Chim. Acta 53, 75-93.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from crit.landscape import chunked_vmap
+
+Array = jax.Array
+Params = Any
+
+
+class Band(NamedTuple):
+    """A relaxed elastic band: the path, its energies and whether it converged.
+
+    ``images`` is (N, P) with the fixed ends first and last; ``energies`` (N,) the loss at each
+    image; ``climbing`` the index of the highest interior image (the climbing image once
+    climbing is on); ``perp_force`` max_i ‖∇V(R_i)^⊥‖ over the other interior images;
+    ``climb_force`` ‖∇V‖ at the climbing image; ``converged`` both ≤ ``force_tol`` with
+    climbing on; ``steps`` optimizer steps taken; ``num_images`` N.
+    """
+
+    images: Array
+    energies: Array
+    climbing: Array
+    perp_force: Array
+    climb_force: Array
+    converged: Array
+    steps: Array
+    num_images: Array
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def linear_path(start: Array, end: Array, num_images: int) -> Array:
+    """(num_images, P) images R_i = (1 − i/(N−1)) θ_a + i/(N−1) θ_b, ends included."""
+    if num_images < 3:
+        raise ValueError(f"a band needs at least 3 images (2 ends + 1), got {num_images}")
+    t = jnp.linspace(0.0, 1.0, num_images, dtype=jnp.result_type(start, float))
+    return (1.0 - t)[:, None] * start[None, :] + t[:, None] * end[None, :]
+
+
+def arc_length(images: Array) -> Array:
+    """(N,) cumulative arc length s_i = Σ_{j<i} ‖R_{j+1} − R_j‖ along a chain of images."""
+    seg = jnp.linalg.norm(jnp.diff(images, axis=0), axis=1)
+    return jnp.concatenate([jnp.zeros((1,), seg.dtype), jnp.cumsum(seg)])
+
+
+def barrier_height(energies: Array) -> Array:
+    """ΔL = max_i L_i − max(L_0, L_{N−1}): the climb from the higher end (≥ 0 by definition)."""
+    return jnp.max(energies) - jnp.maximum(energies[0], energies[-1])
+
+
+def improved_tangents(images: Array, energies: Array) -> Array:
+    """(N−2, P) unit tangents τ̂_i at the interior images (Henkelman & Jónsson 2000, eqs. 8-11).
+
+    Uphill neighbour's segment on a monotone stretch; at an extremum of V a mix of both
+    segments weighted by the energy differences, which removes the kinks of the bisector
+    tangent where the energy changes fast along the path.
+    """
+    plus = images[2:] - images[1:-1]
+    minus = images[1:-1] - images[:-2]
+    v_prev, v, v_next = energies[:-2], energies[1:-1], energies[2:]
+    up = (v_next > v) & (v > v_prev)
+    down = (v_next < v) & (v < v_prev)
+    d_next, d_prev = jnp.abs(v_next - v), jnp.abs(v_prev - v)
+    d_max, d_min = jnp.maximum(d_next, d_prev), jnp.minimum(d_next, d_prev)
+    towards_next = (v_next > v_prev)[:, None]
+    mixed = jnp.where(towards_next, plus * d_max[:, None] + minus * d_min[:, None],
+                      plus * d_min[:, None] + minus * d_max[:, None])
+    # equal energies on both sides (a flat stretch): the bisector of the two segments
+    flat = (d_max == 0)[:, None]
+    mixed = jnp.where(flat, plus + minus, mixed)
+    tau = jnp.where(up[:, None], plus, jnp.where(down[:, None], minus, mixed))
+    norm = jnp.linalg.norm(tau, axis=1, keepdims=True)
+    return tau / jnp.where(norm > 0, norm, 1.0)
+
+
+def neb_forces(images: Array, energies: Array, grads: Array, spring: float,
+               climbing: Array, climb: Array) -> tuple[Array, Array, Array]:
+    """NEB forces on the interior images, and the two convergence measures.
+
+    Returns ``(forces, perp_force, climb_force)``: forces (N−2, P) as in the module docstring
+    (the image with interior index ``climbing`` gets the climbing force when ``climb``);
+    ``perp_force`` max ‖∇V^⊥‖ over the other interior images; ``climb_force`` ‖∇V‖ at the
+    climbing image when ``climb`` (else its ‖∇V^⊥‖).
+    """
+    tau = improved_tangents(images, energies)
+    g = grads[1:-1]
+    g_par = jnp.sum(g * tau, axis=1, keepdims=True)
+    g_perp = g - g_par * tau
+    seg = jnp.linalg.norm(jnp.diff(images, axis=0), axis=1)
+    f_spring = spring * (seg[1:] - seg[:-1])[:, None] * tau
+    f_neb = -g_perp + f_spring
+    f_climb = -g + 2.0 * g_par * tau
+    is_climber = (jnp.arange(tau.shape[0]) == climbing)[:, None] & climb
+    forces = jnp.where(is_climber, f_climb, f_neb)
+    perp = jnp.linalg.norm(g_perp, axis=1)
+    perp_force = jnp.max(jnp.where(is_climber[:, 0], 0.0, perp))
+    climb_force = jnp.where(climb, jnp.linalg.norm(g[climbing]), perp[climbing])
+    return forces, perp_force, climb_force
+
+
+# ----------------------------------------------------------------------------- the band
+
+
+def default_band_optimizer(learning_rate: float, num_steps: int) -> optax.GradientTransformation:
+    """Adam with the step decayed from ``learning_rate`` to 10⁻³ of it (cosine) over the run."""
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=1e-3))
+
+
+def relax_band(energy_fn: Callable[[Array], Array], images: Array, *, num_steps: int = 500,
+               spring: float = 1.0, learning_rate: float = 1e-2, climb_after: int = 100,
+               force_tol: float = 1e-4,
+               optimizer: Optional[optax.GradientTransformation] = None) -> Band:
+    r"""Relax a chain of images (ends fixed) to the minimum energy path, climbing image on top.
+
+    Parameters
+    ----------
+    energy_fn
+        Scalar energy (loss) of one flat vector θ ∈ R^P. Images are evaluated under ``vmap``.
+    images
+        (N, P) starting chain, ends included (e.g. :func:`linear_path`).
+    num_steps
+        Step bound; the loop stops early once converged (:class:`Band`).
+    spring
+        Spring constant k. Only spacing depends on it (the MEP does not): larger k keeps the
+        images evenly spread, at the price of stiffer dynamics.
+    learning_rate, optimizer
+        The images move along F with ``optimizer`` (default :func:`default_band_optimizer`).
+    climb_after
+        Steps before the highest image starts to climb (Henkelman et al. 2000 let the band
+        settle first so the climber is the right one); 0 climbs from the start.
+    force_tol
+        Convergence threshold on the perpendicular forces and on the climber's full force.
+
+    Returns
+    -------
+    Band
+    """
+    images = jnp.asarray(images)
+    n = images.shape[0]
+    if n < 3:
+        raise ValueError(f"a band needs at least 3 images (2 ends + 1), got {n}")
+    opt = optimizer or default_band_optimizer(learning_rate, num_steps)
+    value_and_grad = jax.vmap(jax.value_and_grad(energy_fn))
+    ends = jnp.stack([energy_fn(images[0]), energy_fn(images[-1])])
+
+    def measure(inner, step):
+        full = jnp.concatenate([images[:1], inner, images[-1:]])
+        e, g = value_and_grad(inner)
+        energies = jnp.concatenate([ends[:1], e, ends[1:]])
+        grads = jnp.concatenate([jnp.zeros_like(images[:1]), g, jnp.zeros_like(images[:1])])
+        climbing = jnp.argmax(e)
+        climb = step >= climb_after
+        forces, perp, cf = neb_forces(full, energies, grads, spring, climbing, climb)
+        done = climb & (perp <= force_tol) & (cf <= force_tol)
+        return forces, energies, climbing, perp, cf, done
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < num_steps) & ~done
+
+    def body(state):
+        step, inner, opt_state, forces, _ = state
+        updates, opt_state = opt.update(-forces, opt_state, inner)
+        inner = optax.apply_updates(inner, updates)
+        forces, *_, done = measure(inner, step + 1)
+        return step + 1, inner, opt_state, forces, done
+
+    inner0 = images[1:-1]
+    forces0, *_, done0 = measure(inner0, jnp.asarray(0))
+    state = (jnp.asarray(0), inner0, opt.init(inner0), forces0, done0)
+    step, inner, _, _, _ = jax.lax.while_loop(cond, body, state)
+    _, energies, climbing, perp, cf, done = measure(inner, step)
+    full = jnp.concatenate([images[:1], inner, images[-1:]])
+    return Band(full, energies, climbing + 1, perp, cf, done, step, jnp.asarray(n))
+
+
+def nudged_elastic_band(loss_fn: Callable[[Params], Array], start: Params, end: Params,
+                        num_images: int = 11, **kwargs) -> Band:
+    """Climbing-image NEB between two parameter pytrees, from the straight line.
+
+    ``loss_fn`` takes a pytree shaped like ``start``; images are stored flat (``ravel_pytree``
+    order: unravel one with ``ravel_pytree(start)[1]``). ``num_images`` counts the two ends.
+    Other keywords go to :func:`relax_band`.
+    """
+    a, unravel = ravel_pytree(start)
+    b, _ = ravel_pytree(end)
+    energy = lambda theta: loss_fn(unravel(theta))  # noqa: E731
+    return relax_band(energy, linear_path(a, b, num_images), **kwargs)
+
+
+def many_bands(energy_fn: Callable[[Array], Array], starts: Array, ends: Array,
+               num_images: int = 11, chunk_size: Optional[int] = None, **kwargs) -> Band:
+    """Bands between ``starts[j]`` and ``ends[j]`` (each (M, P)), all relaxed under ``vmap``.
+
+    ``chunk_size`` bounds how many bands run at once (:func:`crit.landscape.chunked_vmap`);
+    each band's loop stops with its own convergence test, so a band's result does not depend on
+    the others. Returns a :class:`Band` with a leading axis of length M.
+    """
+    def one(ab):
+        return relax_band(energy_fn, linear_path(ab[0], ab[1], num_images), **kwargs)
+
+    return chunked_vmap(one, (starts, ends), chunk_size)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def insert_images(images: Array, energies: Array, num_new: int) -> Array:
+    """Insert ``num_new`` midpoint images in the segments with the largest |V_{i+1} − V_i|.
+
+    A segment over which the energy jumps is where the chain resolves the path worst (AutoNEB,
+    Kolsbjerg et al. 2016). Returns (N + num_new, P) images in path order; static shapes, so it
+    runs under ``vmap``. Ties go to the earlier segment.
+    """
+    n = images.shape[0]
+    if not 0 <= num_new <= n - 1:
+        raise ValueError(f"num_new must be in [0, {n - 1}] for {n} images, got {num_new}")
+    jumps = jnp.abs(jnp.diff(energies))
+    segments = jnp.argsort(-jumps, stable=True)[:num_new]
+    mids = 0.5 * (images[segments] + images[segments + 1])
+    keys = jnp.concatenate([jnp.arange(n, dtype=jnp.float64), segments + 0.5])
+    return jnp.concatenate([images, mids])[jnp.argsort(keys)]
+
+
+def autoneb(energy_fn: Callable[[Array], Array], start: Array, end: Array,
+            num_images: int = 7, insertions: Sequence[int] = (4,), **kwargs) -> Band:
+    """Relax a band of ``num_images``, then insert images and relax again, once per entry of
+    ``insertions`` (how many to add each round). Keywords go to :func:`relax_band`; climbing is
+    on in every round. Returns the last round's :class:`Band`."""
+    band = relax_band(energy_fn, linear_path(start, end, num_images), **kwargs)
+    for num_new in insertions:
+        images = insert_images(band.images, band.energies, int(num_new))
+        band = relax_band(energy_fn, images, **kwargs)
+    return band
+
+
+def line_energies(energy_fn: Callable[[Array], Array], start: Array, end: Array,
+                  num_points: int) -> Array:
+    """(num_points,) L((1 − α) θ_a + α θ_b) at α evenly spaced on [0, 1] (Goodfellow's line)."""
+    return jax.vmap(energy_fn)(linear_path(start, end, num_points))
+
+
+# ----------------------------------------------------------------------------- test surfaces
+
+#: Müller & Brown (1979) potential: V = Σ_k A_k exp(a_k(x−x0_k)² + b_k(x−x0_k)(y−y0_k) + c_k(y−y0_k)²).
+MULLER_BROWN = dict(A=(-200.0, -100.0, -170.0, 15.0), a=(-1.0, -1.0, -6.5, 0.7),
+                    b=(0.0, 0.0, 11.0, 0.6), c=(-10.0, -10.0, -6.5, 0.7),
+                    x0=(1.0, 0.0, -0.5, -1.0), y0=(0.0, 0.5, 1.5, 1.0))
+#: Approximate minima (A, C, B: deepest first along the path) and saddles of the surface.
+MULLER_BROWN_MINIMA = ((-0.558, 1.442), (-0.050, 0.467), (0.623, 0.028))
+MULLER_BROWN_SADDLES = ((-0.822, 0.624), (0.212, 0.293))
+
+
+def muller_brown(theta: Array) -> Array:
+    """The Müller-Brown potential at θ = (x, y): three minima, two first-order saddles."""
+    p = {k: jnp.asarray(v) for k, v in MULLER_BROWN.items()}
+    dx, dy = theta[0] - p["x0"], theta[1] - p["y0"]
+    return jnp.sum(p["A"] * jnp.exp(p["a"] * dx ** 2 + p["b"] * dx * dy + p["c"] * dy ** 2))
