@@ -125,7 +125,8 @@ class TrackingConfig(NamedTuple):
     """Also track λ_max(P⁻¹H) (Adam only)."""
     divergence_factor: float = 1e4
     keep_params: bool = False
-    """Also return θ at every track (for checks against dense Hessians)."""
+    """Also return θ (and Adam's preconditioner) at every track (checks against dense
+    Hessians)."""
 
 
 class ExtremalTrack(NamedTuple):
@@ -179,6 +180,9 @@ class TrainingTrack(NamedTuple):
     """(P,) θ after num_steps (frozen where it diverged)."""
     params: Array | None
     """(K + 1, P) θ at the tracked steps if ``keep_params``, else None."""
+    preconditioner: Array | None
+    """(K + 1, P) Adam's diagonal P_t at the tracked steps if ``keep_params`` (NaN for other
+    optimizers and at step 0), else None."""
 
 
 def stability_threshold(optimizer: str, learning_rate, momentum: float = 0.9,
@@ -362,7 +366,9 @@ def track_training(loss_fn: Callable[[Array], Array], theta0: Array, learning_ra
         theta, opt_state, diverged, diverged_step, vectors = carry
         vectors, record = measure(theta, opt_state, vectors, k, diverged)
         if c.keep_params:
-            record = record + (theta,)
+            precond_diag = (adam_preconditioner(opt_state, c.b1, c.b2, c.eps)
+                            if c.optimizer == "adam" else jnp.full_like(theta, jnp.nan))
+            record = record + (theta, precond_diag)
         steps = k * c.track_every + jnp.arange(c.track_every)
 
         def advance(_):
@@ -394,9 +400,9 @@ def track_training(loss_fn: Callable[[Array], Array], theta0: Array, learning_ra
     final_loss = jnp.where(diverged, jnp.nan, final_loss)
     final_gnorm = jnp.where(diverged, jnp.nan, jnp.linalg.norm(final_grad))
     losses = jnp.concatenate([losses, final_loss[None]])
-    params = records[-1] if c.keep_params else None
-    records = records[:-1] if c.keep_params else records
-    return TrainingTrack(losses, *records, diverged_step, final_loss, final_gnorm, theta, params)
+    kept = records[-2:] if c.keep_params else (None, None)
+    records = records[:-2] if c.keep_params else records
+    return TrainingTrack(losses, *records, diverged_step, final_loss, final_gnorm, theta, *kept)
 
 
 def track_sweep(loss_fn: Callable[[Array], Array], thetas0: Array, learning_rates: Array,
