@@ -5,11 +5,14 @@ minima is a critical point, and of index one when it is non-degenerate. A band
 (:mod:`crit.paths`) only approximates that point: its climbing image has a small but nonzero
 gradient. :func:`certify_top` turns the climbing image into a claim with evidence:
 
-1. **Refine** with a Newton-type finder on ∇L = 0 (:func:`crit.critical.newton_critical_point`
-   with the dense Hessian for P ≤ ``dense_max_params``, else
-   :func:`crit.newton_mr.newton_mr_critical_point` with Hessian-vector products). Newton is
-   attracted to critical points of any index, so from the climbing image it converges to the
-   saddle the band was climbing to.
+1. **Refine.** For P ≤ ``dense_max_params``: a few steps of :func:`eigenvector_following`
+   (uphill along the softest Hessian mode, downhill along the others, inside a trust radius of
+   one image spacing), which brings a climbing image that is still far from the saddle on a
+   flat loss into Newton's basin, then the existing damped Newton finder on ∇L = 0
+   (:func:`crit.critical.newton_critical_point`). Above that P:
+   :func:`crit.newton_mr.newton_mr_critical_point` with Hessian-vector products. Newton is
+   attracted to critical points of any index; ``displacement`` reports how far the refined
+   point is from the climbing image, so a refinement that wandered off the path shows.
 2. **Certify** :math:`\lVert\nabla L(\theta_s)\rVert \le` ``grad_tol``
    (:func:`crit.critical.certify`).
 3. **Count** negative eigenvalues of the exact Hessian at :math:`\theta_s` with the tolerance
@@ -41,6 +44,8 @@ References
 - G. Henkelman, B. P. Uberuaga, H. Jónsson (2000). A climbing image nudged elastic band method.
   J. Chem. Phys. 113, 9901.
 - B. N. Parlett (1998). The Symmetric Eigenvalue Problem. SIAM.
+- C. J. Cerjan, W. H. Miller (1981). On finding transition states. J. Chem. Phys. 75, 2800.
+- D. J. Wales (2003). Energy Landscapes. Cambridge University Press.
 """
 
 from __future__ import annotations
@@ -128,11 +133,63 @@ def _lanczos_counts(energy_fn, theta, eig_tol, key, num_steps, k):
     return lam, tau, n_neg, n_null, scale
 
 
+class FollowResult(NamedTuple):
+    """Where :func:`eigenvector_following` stopped: the point, its ‖g‖, iterations taken."""
+
+    theta: Array
+    grad_norm: Array
+    iterations: Array
+
+
+def eigenvector_following(energy_fn: Callable[[Array], Array], theta: Array, max_step,
+                          num_iters: int = 100, grad_tol: float = 1e-8,
+                          eig_floor: float = 1e-10) -> FollowResult:
+    r"""Walk to an index-1 saddle: uphill along the lowest Hessian mode, downhill along the rest.
+
+    With H = Σ_i λ_i u_i u_iᵀ (ascending) and g = ∇L(θ), the step is
+
+    .. math:: p = \frac{u_0^\top g}{|\lambda_0|}\,u_0
+                 - \sum_{i \ge 1} \frac{u_i^\top g}{|\lambda_i|}\,u_i,
+
+    scaled down to ‖p‖ ≤ ``max_step`` (a trust radius), with |λ_i| floored at
+    ``eig_floor``·max|λ|. It maximizes along the softest mode and minimizes along every other one
+    (eigenvector following: Cerjan & Miller 1981; Wales 2003, ch. 6), so its fixed points of
+    non-singular H are the critical points, and it is attracted only to those of index one; next
+    to a non-degenerate index-1 saddle it is Newton's step and converges quadratically. crit
+    uses it between the band's climbing image -- which on a flat, ill-conditioned loss can have
+    a small gradient yet lie far outside Newton's basin -- and the Newton polish. Dense Hessian:
+    small P only. Returns the iterate with the smallest ‖g‖.
+    """
+    grad = jax.grad(energy_fn)
+
+    def cond(state):
+        i, _, _, best_norm = state[:4]
+        return (i < num_iters) & (best_norm > grad_tol / 100.0)
+
+    def body(state):
+        i, th, best, best_norm = state
+        g = grad(th)
+        lam, u = jnp.linalg.eigh(dense_hessian(energy_fn, th))
+        floor = eig_floor * jnp.max(jnp.abs(lam))
+        sign = jnp.where(jnp.arange(lam.shape[0]) == 0, 1.0, -1.0)
+        p = u @ (sign * (u.T @ g) / jnp.maximum(jnp.abs(lam), floor))
+        norm = jnp.linalg.norm(p)
+        p = p * jnp.minimum(1.0, max_step / jnp.where(norm > 0, norm, 1.0))
+        th = th + p
+        gn = jnp.linalg.norm(grad(th))
+        better = jnp.isfinite(gn) & (gn < best_norm)
+        return (i + 1, th, jnp.where(better, th, best), jnp.where(better, gn, best_norm))
+
+    g0 = jnp.linalg.norm(grad(theta))
+    i, _, best, best_norm = jax.lax.while_loop(cond, body, (jnp.asarray(0), theta, theta, g0))
+    return FollowResult(best, best_norm, i)
+
+
 def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losses: Array,
                 has_barrier=True, *, grad_tol: float = 1e-8, eig_tol: Optional[float] = None,
                 max_iters: int = 30, dense_max_params: int = 2000, lanczos_steps: int = 90,
-                lanczos_k: int = 4, minres_iters: int = 100,
-                key: Optional[Array] = None) -> SaddleCertificate:
+                lanczos_k: int = 4, minres_iters: int = 100, follow_iters: int = 100,
+                max_step=None, key: Optional[Array] = None) -> SaddleCertificate:
     """Refine ``theta_top`` (flat, (P,)) to a critical point, certify it, count its index, label it.
 
     Parameters
@@ -151,6 +208,10 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
         Eigenvalue tolerance τ; None: P·ε₆₄·max|λ| (dense) or P·ε₆₄·max|θ| (Lanczos).
     max_iters
         Finder iterations.
+    follow_iters, max_step
+        Dense path: at most ``follow_iters`` steps of :func:`eigenvector_following` with trust
+        radius ``max_step`` (default: ‖θ_top‖·1e-2 + 1e-3; :func:`certify_band_top` passes the
+        band's mean image spacing) before the Newton polish; 0 skips it.
     dense_max_params
         Dense Hessian and :func:`crit.critical.newton_critical_point` up to this P; above it,
         Newton-MR (``minres_iters`` HVPs per step) and ``lanczos_steps`` Lanczos steps (k =
@@ -160,7 +221,12 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
     p = theta_top.shape[0]
     dense = p <= dense_max_params
     if dense:
-        found = newton_critical_point(energy_fn, theta_top, max_iters=max_iters,
+        start = theta_top
+        if follow_iters:
+            radius = (1e-2 * jnp.linalg.norm(theta_top) + 1e-3) if max_step is None else max_step
+            start = eigenvector_following(energy_fn, theta_top, radius, follow_iters,
+                                          grad_tol).theta
+        found = newton_critical_point(energy_fn, start, max_iters=max_iters,
                                       grad_tol=grad_tol)
         lam, tau, n_neg, n_null, hnorm = _dense_counts(energy_fn, found.params, eig_tol)
     else:
@@ -198,6 +264,8 @@ def certify_band_top(energy_fn: Callable[[Array], Array], band: Band,
     interior maximum above ``barrier_tol`` (:func:`has_interior_maximum`). Keywords go to
     :func:`certify_top`. ``vmap`` it over a batch of bands."""
     ends = jnp.stack([band.energies[0], band.energies[-1]])
+    spacing = jnp.mean(jnp.linalg.norm(jnp.diff(band.images, axis=0), axis=1))
+    kwargs.setdefault("max_step", jnp.where(spacing > 0, spacing, 1e-3))
     return certify_top(energy_fn, band.images[band.climbing], ends,
                        has_interior_maximum(band, barrier_tol), **kwargs)
 
