@@ -1,0 +1,234 @@
+"""Minimum energy paths (crit.paths), certified tops (crit.mountain_pass), alignment (crit.align).
+
+Known answers: the lecture toy's saddle at the origin (loss 1, eigenvalues ±2), the Müller-Brown
+saddles (Müller & Brown 1979), a convex valley with no barrier, a permuted copy of a network.
+Plus algebra (unit tangents, image insertion), vmap == loop, and chunking independence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import crit  # noqa: F401  (float64)
+from crit import align, paths, toy
+from crit.critical import newton_critical_point
+from crit.mountain_pass import (INDEX_1_SADDLE, NO_BARRIER, certify_band_top, certify_top,
+                                eigenvector_following, has_interior_maximum, label_names)
+from crit.problems import flatten, mlp_problem
+
+PUBLISHED_SADDLES = np.array(paths.MULLER_BROWN_SADDLES)  # (−0.822, 0.624), (0.212, 0.293)
+
+
+# ----------------------------------------------------------------------------- the lecture toy
+
+
+@pytest.fixture(scope="module")
+def toy_band():
+    a, b = jnp.array([1.0, 1.0]), jnp.array([-1.0, -1.0])
+    return jax.jit(lambda a, b: paths.relax_band(toy.toy_loss, paths.linear_path(a, b, 9),
+                                                 num_steps=300, climb_after=20))(a, b)
+
+
+def test_toy_band_finds_the_saddle_at_the_origin(toy_band):
+    cert = certify_band_top(toy.toy_loss, toy_band)
+    assert label_names(cert.label) == "index_1_saddle"
+    assert int(cert.status) == 0 and float(cert.grad_norm) <= 1e-8
+    np.testing.assert_allclose(cert.theta, [0.0, 0.0], atol=1e-8)
+    assert abs(float(cert.barrier) - 1.0) <= 1e-8  # both minima have loss 0
+    assert abs(float(cert.loss) - 1.0) <= 1e-8
+    assert int(cert.n_neg) == 1 and int(cert.n_null) == 0
+    np.testing.assert_allclose(cert.eigenvalues, toy.TOY_SADDLE_EIGENVALUES, atol=1e-8)
+    assert abs(float(paths.barrier_height(toy_band.energies)) - 1.0) <= 1e-6
+
+
+def test_toy_lanczos_branch_gives_the_same_index(toy_band):
+    cert = certify_band_top(toy.toy_loss, toy_band, dense_max_params=1, lanczos_steps=2,
+                            lanczos_k=2)
+    assert not bool(cert.dense)
+    assert label_names(cert.label) == "index_1_saddle" and int(cert.n_neg) == 1
+    np.testing.assert_allclose(cert.theta, [0.0, 0.0], atol=1e-8)
+    np.testing.assert_allclose(cert.eigenvalues, [-2.0, 2.0], atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- Müller-Brown
+
+
+@pytest.fixture(scope="module")
+def muller_brown():
+    f = paths.muller_brown
+    refine = jax.jit(jax.vmap(lambda t: newton_critical_point(f, t).params))
+    minima = refine(jnp.asarray(paths.MULLER_BROWN_MINIMA))  # A, C, B
+    starts, ends = minima[:2], minima[1:]  # A→C and C→B
+    run = jax.jit(lambda s, e, chunk: paths.many_bands(f, s, e, num_images=11, num_steps=1500,
+                                                       climb_after=200, force_tol=1e-3,
+                                                       chunk_size=chunk), static_argnums=2)
+    bands = run(starts, ends, None)
+    certs = jax.jit(jax.vmap(lambda b: certify_band_top(f, b)))(bands)
+    return dict(minima=minima, starts=starts, ends=ends, bands=bands, certs=certs, run=run)
+
+
+def test_muller_brown_minima_are_the_known_ones(muller_brown):
+    np.testing.assert_allclose(muller_brown["minima"], paths.MULLER_BROWN_MINIMA, atol=1e-3)
+    values = jax.vmap(paths.muller_brown)(muller_brown["minima"])
+    np.testing.assert_allclose(values, [-146.699, -80.768, -108.167], atol=1e-2)
+
+
+def test_muller_brown_bands_find_both_published_saddles(muller_brown):
+    certs = muller_brown["certs"]
+    np.testing.assert_allclose(certs.theta, PUBLISHED_SADDLES, atol=1e-3)
+    np.testing.assert_array_equal(certs.label, [INDEX_1_SADDLE, INDEX_1_SADDLE])
+    assert np.all(np.asarray(certs.grad_norm) <= 1e-8)  # Newton's certificate
+    np.testing.assert_array_equal(certs.n_neg, [1, 1])
+    np.testing.assert_allclose(certs.loss, [-40.665, -72.249], atol=1e-2)
+    # the climbing image itself is already at the saddle, before any refinement
+    bands = muller_brown["bands"]
+    tops = bands.images[jnp.arange(2), bands.climbing]
+    np.testing.assert_allclose(tops, PUBLISHED_SADDLES, atol=1e-2)
+    # the eigenvalues at each saddle are one negative, one positive, computed independently
+    for theta in np.asarray(certs.theta):
+        lam = np.linalg.eigvalsh(np.asarray(jax.hessian(paths.muller_brown)(jnp.asarray(theta))))
+        assert lam[0] < -100 and lam[1] > 100
+
+
+def test_vmap_over_paths_equals_a_loop_and_any_chunk(muller_brown):
+    f, bands = paths.muller_brown, muller_brown["bands"]
+    one = jax.jit(lambda a, b: paths.relax_band(f, paths.linear_path(a, b, 11), num_steps=1500,
+                                                climb_after=200, force_tol=1e-3))
+    for j in range(2):
+        single = one(muller_brown["starts"][j], muller_brown["ends"][j])
+        for got, want in zip(jax.tree.leaves(single), jax.tree.leaves(bands)):
+            np.testing.assert_allclose(got, want[j], rtol=1e-12, atol=1e-12)
+    # one path at a time (lax.map over vmaps of width 1) is another XLA program: rounding
+    # differs in the last bits and 1500 optimizer steps amplify it, but not beyond 1e-5, and
+    # the certified saddles agree to rounding
+    chunked = muller_brown["run"](muller_brown["starts"], muller_brown["ends"], 1)
+    np.testing.assert_array_equal(chunked.climbing, bands.climbing)
+    np.testing.assert_array_equal(chunked.converged, bands.converged)
+    np.testing.assert_allclose(chunked.images, bands.images, atol=1e-5)
+    np.testing.assert_allclose(chunked.energies, bands.energies, rtol=1e-5)
+    certs = jax.jit(jax.vmap(lambda b: certify_band_top(f, b)))(chunked)
+    np.testing.assert_allclose(certs.theta, muller_brown["certs"].theta, atol=1e-10)
+
+
+def test_eigenvector_following_walks_to_an_index_1_saddle():
+    start = jnp.asarray(PUBLISHED_SADDLES[1]) + jnp.array([0.05, -0.04])
+    out = jax.jit(lambda t: eigenvector_following(paths.muller_brown, t, 0.02, 200))(start)
+    assert float(out.grad_norm) < 1e-8
+    np.testing.assert_allclose(out.theta, PUBLISHED_SADDLES[1], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- no barrier
+
+
+def convex_valley(theta):
+    """y² + relu(x² − 1)²: convex, its minima fill the segment [−1, 1] × {0}."""
+    return theta[1] ** 2 + jax.nn.relu(theta[0] ** 2 - 1.0) ** 2
+
+
+def test_convex_in_between_has_no_barrier_and_no_saddle():
+    band = jax.jit(lambda a, b: paths.relax_band(convex_valley, paths.linear_path(a, b, 7),
+                                                 num_steps=50))(jnp.array([-1.0, 0.0]),
+                                                                jnp.array([1.0, 0.0]))
+    assert float(paths.barrier_height(band.energies)) == 0.0
+    cert = jax.jit(lambda b: certify_band_top(convex_valley, b))(band)
+    assert int(cert.label) == NO_BARRIER
+    assert np.isnan(float(cert.loss)) and np.all(np.isnan(np.asarray(cert.theta)))
+    assert int(cert.n_neg) == -1
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_improved_tangent_is_the_uphill_segment_on_a_monotone_chain():
+    images = jnp.array([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0], [4.0, 2.0]])
+    energies = jnp.array([0.0, 1.0, 2.0, 3.0])
+    tau = paths.improved_tangents(images, energies)
+    np.testing.assert_allclose(tau, [[0.0, 1.0], [1.0, 0.0]])
+    # at a maximum the tangent mixes both segments and stays a unit vector
+    tau = paths.improved_tangents(images, jnp.array([0.0, 1.0, 3.0, 2.0]))
+    np.testing.assert_allclose(jnp.linalg.norm(tau, axis=1), 1.0)
+
+
+def test_insert_images_puts_midpoints_where_the_energy_jumps():
+    images = paths.linear_path(jnp.zeros(2), jnp.array([4.0, 0.0]), 5)
+    energies = jnp.array([0.0, 0.1, 5.0, 5.2, 0.0])
+    new = paths.insert_images(images, energies, 2)
+    np.testing.assert_allclose(new[:, 0], [0, 1, 1.5, 2, 3, 3.5, 4])  # jumps 4.9 and 5.2
+    np.testing.assert_allclose(paths.arc_length(new)[-1], 4.0)
+    with pytest.raises(ValueError):
+        paths.insert_images(images, energies, 5)
+
+
+def test_autoneb_between_the_outer_muller_brown_minima_climbs_the_higher_saddle():
+    a, b = jnp.array([-0.5582, 1.4417]), jnp.array([0.6235, 0.0280])
+    band = jax.jit(lambda a, b: paths.autoneb(paths.muller_brown, a, b, num_images=7,
+                                              insertions=(4,), num_steps=1500,
+                                              climb_after=200))(a, b)
+    assert band.images.shape == (11, 2) and int(band.num_images) == 11
+    np.testing.assert_allclose(band.images[band.climbing], PUBLISHED_SADDLES[0], atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    problem = mlp_problem("gaussian", widths=(6, 5), n_points=24, dim_in=3, l2=1e-2)
+    return problem, problem.init_fn(jax.random.PRNGKey(0))
+
+
+def test_permuting_hidden_units_keeps_the_function(mlp):
+    problem, params = mlp
+    rng = np.random.default_rng(0)
+    copy = align.permute_mlp(params, [rng.permutation(6), rng.permutation(5)])
+    x = problem.dataset.x_train
+    np.testing.assert_allclose(problem.apply_fn(copy, x), problem.apply_fn(params, x),
+                               rtol=1e-13, atol=1e-13)
+    assert align.weight_distance(params, copy) > 1.0
+
+
+def test_alignment_of_a_permuted_copy_is_exact_and_has_no_barrier(mlp):
+    problem, params = mlp
+    rng = np.random.default_rng(1)
+    copy = align.permute_mlp(params, [rng.permutation(6), rng.permutation(5)])
+    result = align.weight_matching(params, copy)
+    assert result.distance_before > 1.0 and result.distance_after == 0.0
+    theta_a, unravel = flatten(params)
+    theta_b = flatten(jax.tree.map(jnp.asarray, result.params))[0]
+    energy = lambda t: problem.loss_fn(unravel(t))  # noqa: E731
+    line = paths.line_energies(energy, theta_a, theta_b, 5)
+    assert float(paths.barrier_height(line)) == 0.0
+    band = jax.jit(lambda a, b: paths.relax_band(energy, paths.linear_path(a, b, 5),
+                                                 num_steps=5))(theta_a, theta_b)
+    assert float(paths.barrier_height(band.energies)) == 0.0
+    assert not bool(has_interior_maximum(band))  # certify_band_top labels it no_barrier
+
+
+def test_alignment_never_increases_the_weight_distance(mlp):
+    problem, _ = mlp
+    for seed in range(6):
+        a = problem.init_fn(jax.random.PRNGKey(10 + seed))
+        b = problem.init_fn(jax.random.PRNGKey(20 + seed))
+        result = align.weight_matching(a, b, seed=seed)
+        assert result.distance_after <= result.distance_before + 1e-12
+        assert result.distance_after == pytest.approx(align.weight_distance(a, result.params))
+
+
+def test_hungarian_fallback_agrees_with_scipy():
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 7, 12):
+        score = rng.standard_normal((n, n))
+        perm = align.hungarian(score)
+        best = align.linear_assignment(score)
+        assert sorted(perm) == list(range(n))
+        rows = np.arange(n)
+        assert score[rows, perm].sum() == pytest.approx(score[rows, best].sum(), abs=1e-12)
+
+
+def test_certify_top_labels_a_minimum_as_drifted():
+    cert = jax.jit(lambda t: certify_top(paths.muller_brown, t, jnp.zeros(2), follow_iters=0))(
+        jnp.array([0.62, 0.03]))
+    assert label_names(cert.label) == "drifted_to_minimum" and int(cert.n_neg) == 0
