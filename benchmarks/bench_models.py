@@ -101,9 +101,9 @@ def make_data(model: str, n: int, data: str) -> Dataset:
 
 
 
-def build(model, n, batch, data):
+def build(model, n, batch, data, **overrides):
     problem = model_problem(model, make_data(model, n, data), eval_batch_size=batch,
-                            **HPARAMS[model])
+                            **{**HPARAMS[model], **overrides})
     params = problem.init_fn(jax.random.PRNGKey(0))
     state = problem.init_state_fn(jax.random.PRNGKey(0))
     if problem.has_state:  # one training-mode pass: non-trivial running statistics
@@ -144,11 +144,15 @@ def unrolled_loss(problem, state, batch):
 
 def bench_cost(model, n, batch, reps, data, variant="crit", v_seed=1):
     """Gradient and shared-linearization HVP of the full-data loss. ``variant``: "crit"
-    (``problem.loss_fn``) or "unrolled" (:func:`unrolled_loss`, same batches)."""
-    problem, params, state = build(model, n, batch if variant == "crit" else 0, data)
+    (``problem.loss_fn``), "xla_conv" (the same with ``conv="xla"``: XLA's own convolution
+    instead of the default shifted products) or "unrolled" (:func:`unrolled_loss`, same
+    batches)."""
+    overrides = {"conv": "xla"} if variant == "xla_conv" else {}
+    problem, params, state = build(model, n, batch if variant != "unrolled" else 0, data,
+                                   **overrides)
     theta, unravel = ravel_pytree(params)
-    loss = (problem.bind_state(state) if variant == "crit"
-            else unrolled_loss(problem, state, batch))
+    loss = (unrolled_loss(problem, state, batch) if variant == "unrolled"
+            else problem.bind_state(state))
     f = lambda t: loss(unravel(t))  # noqa: E731
     v = jax.random.normal(jax.random.PRNGKey(v_seed), theta.shape, theta.dtype)
     grad = jax.jit(jax.grad(f))
@@ -278,7 +282,7 @@ def torch_resnet(torch, params, state, depth, width, n_outputs):
     return net.eval(), mapping
 
 
-def bench_pyhessian(crit_out, ctx, reps):
+def bench_pyhessian(crit_out, ctx, reps, power_iters=100, slq_steps=30):
     try:
         import torch
     except ImportError as exc:
@@ -338,22 +342,152 @@ def bench_pyhessian(crit_out, ctx, reps):
         out["loss"] = float(criterion(net(x), y))
     out["loss_err"] = abs(out["loss"] - crit_out["loss"]) / abs(crit_out["loss"])
     out["hv_err"] = float(np.linalg.norm(hv - crit_out["hv"]) / np.linalg.norm(crit_out["hv"]))
+    out.update(spectra_side_by_side(torch, hc, ctx, perm, torch_to_flat, power_iters,
+                                    slq_steps))
+    return out
+
+
+def pyhessian_shims(torch):
+    """What PyHessian 0.1 needs to run on a float64 model under torch 2.x, changing no number:
+    its vectors are drawn with torch's default dtype (float32, which a float64 graph refuses),
+    and its ``density`` calls ``torch.eig``, removed in torch 1.13 (replaced here by
+    ``torch.linalg.eigh`` of the same symmetric tridiagonal, eigenvalues in the first column
+    of an (m, 2) array as ``torch.eig`` returned them)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.eig(torch.eye(2), eigenvectors=True)
+    except (AttributeError, RuntimeError):  # torch >= 1.13: a stub that raises
+        def eig(matrix, eigenvectors=True):
+            values, vectors = torch.linalg.eigh(matrix)
+            return torch.stack([values, torch.zeros_like(values)], 1), vectors
+        torch.eig = eig
+
+
+def spectra_side_by_side(torch, hc, ctx, perm, torch_to_flat, power_iters, slq_steps):
+    """λ_max (PyHessian's power iteration against crit's Lanczos) and one SLQ run from the same
+    Rademacher vector (PyHessian's ``density`` against crit's ``lanczos_tridiag``), with HVP
+    counts and times. crit's products use the batched loss of the timed row."""
+    import importlib
+    pyh = importlib.import_module("pyhessian.hessian")
+    from crit.lanczos import lanczos_tridiag, tridiag_eigh
+
+    pyhessian_shims(torch)
+    problem, params, state, _ = ctx
+    theta, unravel = ravel_pytree(params)
+    f = lambda t: problem.bind_state(state)(unravel(t))  # noqa: E731
+    _, matvec = jax.jit(lambda t: hvp_operator(f, t))(theta)
+    calls = {"n": 0}
+    original = pyh.hessian_vector_product
+
+    def counted(*args):
+        calls["n"] += 1
+        return original(*args)
+
+    pyh.hessian_vector_product = counted
+    utils = importlib.import_module("pyhessian.utils")
+    shipped = utils.normalization
+
+    def exact_normalization(v):  # PyHessian's, without the 1e-6 it adds to every norm
+        norm = float(utils.group_product(v, v)) ** 0.5
+        return [vi / norm for vi in v]
+
+    out = {}
+    try:
+        for tag, normalization in (("pyh", shipped), ("pyh_exact", exact_normalization)):
+            utils.normalization = pyh.normalization = normalization
+            calls["n"] = 0
+            t = time.perf_counter()
+            torch.manual_seed(0)
+            top, _ = hc.eigenvalues(maxIter=power_iters, tol=1e-10, top_n=1)
+            out[f"{tag}_top"], out[f"{tag}_top_s"], out[f"{tag}_top_hvps"] = (
+                float(top[0]), time.perf_counter() - t, calls["n"])
+            # PyHessian's density draws its Rademacher probe first: same seed, same probe
+            torch.manual_seed(1)
+            probe = [torch.randint_like(p, high=2) for p in hc.params]
+            for p in probe:
+                p[p == 0] = -1
+            calls["n"] = 0
+            t = time.perf_counter()
+            torch.manual_seed(1)
+            nodes, weights = hc.density(iter=slq_steps, n_v=1)
+            out[f"{tag}_slq_s"], out[f"{tag}_slq_hvps"] = time.perf_counter() - t, calls["n"]
+            order = np.argsort(nodes[0])
+            out[f"{tag}_nodes"] = np.asarray(nodes[0])[order]
+            out[f"{tag}_weights"] = np.asarray(weights[0])[order]
+    finally:
+        pyh.hessian_vector_product = original
+        utils.normalization = pyh.normalization = shipped
+    back = [None] * len(probe)
+    for k, i in enumerate(perm):
+        back[i] = probe[k]
+    v0 = jnp.asarray(torch_to_flat(back))
+
+    def ritz(steps, start):
+        run = jax.jit(lambda mv, v: lanczos_tridiag(mv, v, steps, return_basis=False))
+        jax.block_until_ready(run(matvec, start))  # compile
+        t = time.perf_counter()
+        res = jax.block_until_ready(run(matvec, start))
+        values, vectors = tridiag_eigh(res.alphas, res.betas, res.valid)
+        residuals = np.abs(np.asarray(res.betas[-1] * vectors[-1, :]))
+        return (np.asarray(values), np.asarray(vectors[0, :]) ** 2, residuals,
+                time.perf_counter() - t)
+
+    values, _, residuals, seconds = ritz(power_iters // 2, jax.random.normal(
+        jax.random.PRNGKey(0), theta.shape, theta.dtype))
+    out["crit_top"], out["crit_top_res"], out["crit_top_s"], out["crit_top_hvps"] = (
+        float(values[-1]), float(residuals[-1]), seconds, power_iters // 2)
+    values, weights, _, seconds = ritz(slq_steps, v0)
+    out["crit_nodes"], out["crit_weights"], out["crit_slq_s"] = values, weights, seconds
     return out
 
 
 # --------------------------------------------------------------------------- main
 
 def conv_throughput():
-    """GFLOP/s of one 3×3, 16→16 'SAME' convolution on (64, 32, 32, 16) in float32 and 64."""
+    """GFLOP/s of one 3×3, 16→16 'SAME' convolution on (64, 32, 32, 16), forward only: XLA's
+    convolution in float32 and float64, crit's shifted products (``crit.models.conv``) in
+    float64, and PyTorch's ``conv2d`` in float64 and float32 where torch is installed."""
+    from crit.models.conv import shifted_conv
+    flops = 2 * 64 * 32 * 32 * 16 * 16 * 9
     out = {}
-    for dtype in (jnp.float32, jnp.float64):
-        x = jnp.ones((64, 32, 32, 16), dtype)
-        w = jnp.ones((3, 3, 16, 16), dtype)
-        f = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
-            a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    for name, conv, dtype in (("xla float32", jax.lax.conv_general_dilated, jnp.float32),
+                              ("xla float64", jax.lax.conv_general_dilated, jnp.float64),
+                              ("shifted float64", shifted_conv, jnp.float64)):
+        x = jax.random.normal(jax.random.PRNGKey(0), (64, 32, 32, 16), dtype)
+        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 16), dtype)
+        f = jax.jit(lambda a, b, conv=conv: conv(a, b, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
         med, _ = timeit(lambda: f(x, w).block_until_ready(), 5)
-        out[jnp.dtype(dtype).name] = 2 * 64 * 32 * 32 * 16 * 16 * 9 / med / 1e9
+        out[name] = flops / med / 1e9
+    try:
+        import torch
+    except ImportError:
+        return out
+    torch.set_num_threads(os.cpu_count() or 1)
+    for dtype in (torch.float64, torch.float32):
+        x, w = torch.randn(64, 16, 32, 32, dtype=dtype), torch.randn(16, 16, 3, 3, dtype=dtype)
+        with torch.no_grad():
+            med, _ = timeit(lambda: torch.nn.functional.conv2d(x, w, padding=1), 5)
+        out[f"torch {str(dtype).split('.')[-1]}"] = flops / med / 1e9
     return out
+
+
+def flop_ratios(model, n, batch, data):
+    """XLA's flop count (``compile().cost_analysis()``) of the gradient and of one product of
+    the shared linearization. A ``lax.scan`` body is counted once, so with eval batches both
+    are per batch; the ratio is what an HVP costs in gradients at equal FLOP/s."""
+    problem, params, state = build(model, n, batch, data)
+    theta, unravel = ravel_pytree(params)
+    f = lambda t: problem.bind_state(state)(unravel(t))  # noqa: E731
+
+    def flops(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+
+    _, matvec = jax.jit(lambda t: hvp_operator(f, t))(theta)
+    grad = flops(jax.grad(f), theta)
+    return {"grad": grad, "hvp": flops(lambda m, u: m(u), matvec, theta)}
 
 
 def main():
@@ -375,6 +509,10 @@ def main():
     parser.add_argument("--data", choices=("synthetic", "digits"), default="synthetic",
                         help="the CNN's data: 32x32x3 synthetic images or digits_images (8x8x1)")
     parser.add_argument("--skip_torch", action="store_true", help="skip the PyHessian part")
+    parser.add_argument("--power_iters", type=int, default=100,
+                        help="PyHessian's power iterations for λ_max (crit's Lanczos: half)")
+    parser.add_argument("--slq_steps", type=int, default=30,
+                        help="Lanczos steps of the side-by-side SLQ run")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -394,9 +532,10 @@ def main():
           f"timings are preliminary), jax {jax.__version__} on {jax.default_backend()}, "
           f"float64")
     conv = conv_throughput()
-    print(f"XLA:CPU convolution 3x3 16->16 on 64x32x32: float32 {conv['float32']:.1f} GFLOP/s, "
-          f"float64 {conv['float64']:.1f} GFLOP/s ({conv['float32'] / conv['float64']:.0f}x "
-          "slower)")
+    print("convolution 3x3 16->16 on 64x32x32, forward, GFLOP/s: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in conv.items()) + f" (XLA float64 is "
+        f"{conv['xla float32'] / conv['xla float64']:.0f}x slower than float32; crit's shifted "
+        f"products {conv['shifted float64'] / conv['xla float64']:.2f}x XLA's float64)")
     hp = {m: ", ".join(f"{k}={v}" for k, v in HPARAMS[m].items()) or "registry defaults"
           for m in MODELS}
     print("models: " + "; ".join(f"{m} ({hp[m]})" for m in models) + "\n")
@@ -413,6 +552,8 @@ def main():
         variants = [("crit", b)]
         if not args.no_contrast and b:
             variants += [("crit", 0), ("unrolled", b)]
+        if not args.no_contrast and m in ("cnn", "resnet"):
+            variants += [("xla_conv", b)]
         for variant, batch in variants:
             r, ctx = bench_cost(m, n, batch, args.reps, args.data, variant)
             results[m, variant, batch] = r
@@ -420,6 +561,8 @@ def main():
                 ctx_resnet = (r, ctx)
             label = (f"crit, eval batch {batch}" if variant == "crit" and batch else
                      "crit, eval batch 0 (all rows)" if variant == "crit" else
+                     f"contrast: eval batch {batch}, XLA's convolution (conv=xla)"
+                     if variant == "xla_conv" else
                      f"contrast: batches of {batch} in a Python loop")
             print(f"| {m} | {r['data']} | {r['P']:,} | {n} | {label} | "
                   f"{1e3 * r['grad'][0]:.0f} ({1e3 * r['grad'][1]:.0f}) | "
@@ -445,8 +588,23 @@ def main():
                      f"{ru['grad'][0] / r0['grad'][0]:.2f}x, {ru['hvp'][0] / r0['hvp'][0]:.2f}x); "
                      f"Hv vs unbatched: relative difference {diff(rb):.1e} (Python loop "
                      f"{diff(ru):.1e})")
+        if (m, "xla_conv", b) in results:
+            rx = results[m, "xla_conv", b]
+            line += (f"; with XLA's own convolution (conv=xla) the gradient takes "
+                     f"{rx['grad'][0] / rb['grad'][0]:.2f}x and the HVP "
+                     f"{rx['hvp'][0] / rb['hvp'][0]:.2f}x crit's default (ratio {rx['ratio']:.2f})")
         line += f"; gradient from the linearization vs jit(grad): {rb['grad_err']:.1e}"
         print(line)
+    print("\nFlop floor (XLA cost analysis): one HVP product in gradients at equal FLOP/s. "
+          "With eval batches the linearization keeps only each batch's inputs, so every "
+          "product recomputes the batch's forward and backward pass:\n")
+    for m in models:
+        parts = []
+        for batch in (time_batch[m], 0):
+            fr = flop_ratios(m, time_n[m], batch, args.data)
+            parts.append(f"eval batch {batch or 'all'}: {fr['hvp'] / fr['grad']:.2f} "
+                         f"({fr['hvp'] / 1e9:.3f} / {fr['grad'] / 1e9:.3f} GFLOP)")
+        print(f"- {m}: " + "; ".join(parts))
     print(f"\n({time.perf_counter() - start:.0f} s so far)\n")
 
     # 2. memory
@@ -488,7 +646,7 @@ def main():
         print("skipped: resnet not among --models")
     else:
         crit_out, ctx = ctx_resnet
-        out = bench_pyhessian(crit_out, ctx, args.reps)
+        out = bench_pyhessian(crit_out, ctx, args.reps, args.power_iters, args.slq_steps)
         if isinstance(out, str):
             print(out)
         else:
@@ -513,6 +671,29 @@ def main():
                   f"(> 1: crit slower)")
             print(f"- agreement: loss relative difference {out['loss_err']:.1e}, "
                   f"||Hv_crit - Hv_pyhessian|| / ||Hv_crit|| = {out['hv_err']:.1e}")
+            print(f"- λ_max: crit Lanczos {out['crit_top']:.12g} (residual bound "
+                  f"{out['crit_top_res']:.1e}, {out['crit_top_hvps']} HVPs, "
+                  f"{out['crit_top_s']:.1f} s)")
+            scale = np.max(np.abs(out["crit_nodes"]))
+            k = min(5, len(out["crit_nodes"]))
+            for tag, label in (("pyh", "PyHessian as shipped"),
+                               ("pyh_exact", "PyHessian without the 1e-6 its normalization "
+                                             "adds to every norm")):
+                top_err = abs(out[f"{tag}_top"] - out["crit_top"]) / abs(out["crit_top"])
+                node_err = np.max(np.abs(out["crit_nodes"] - out[f"{tag}_nodes"])) / scale
+                weight_err = np.max(np.abs(out["crit_weights"] - out[f"{tag}_weights"]))
+                print(f"- {label}: power iteration (tol 1e-10) λ_max {out[f'{tag}_top']:.12g} "
+                      f"({out[f'{tag}_top_hvps']} HVPs, {out[f'{tag}_top_s']:.1f} s; crit's "
+                      f"time / PyHessian's {out['crit_top_s'] / out[f'{tag}_top_s']:.2f}); "
+                      f"relative difference from crit {top_err:.1e} (target 1e-6: "
+                      f"{'met' if top_err <= 1e-6 else 'NOT met'}). SLQ, one Rademacher probe, "
+                      f"{args.slq_steps} Lanczos steps from the same vector: PyHessian density "
+                      f"{out[f'{tag}_slq_s']:.1f} s ({out[f'{tag}_slq_hvps']} HVPs), crit "
+                      f"{out['crit_slq_s']:.1f} s (time ratio "
+                      f"{out['crit_slq_s'] / out[f'{tag}_slq_s']:.2f}); nodes agree to "
+                      f"{node_err:.1e}·max|node|, weights to {weight_err:.1e}; top {k} nodes "
+                      "crit " + ", ".join(f"{v:.9g}" for v in out["crit_nodes"][-k:])
+                      + "; PyHessian " + ", ".join(f"{v:.9g}" for v in out[f"{tag}_nodes"][-k:]))
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load average at the end "
           f"{os.getloadavg()[0]:.1f}")
 

@@ -294,3 +294,73 @@ def test_filter_normalization_for_every_kernel_layout():
         for name, value in flat_d.items():
             if name[-1] in ("bias", "scale") or value.ndim <= 1:
                 assert not np.any(value), name  # biases (attention's are 2-D), norm scales
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 7, 6, 3), (3, 3), (1, 1), "SAME"),
+    ((2, 8, 8, 4), (3, 3), (2, 2), "SAME"),
+    ((2, 8, 7, 3), (5, 5), (1, 1), "VALID"),
+    ((2, 9, 9, 2), (1, 1), (2, 2), "SAME"),
+    ((2, 6, 5, 2), (2, 3), (1, 2), ((1, 0), (2, 1))),
+    ((3, 11, 4), (5,), (1,), "SAME"),
+])
+def test_shifted_conv_equals_xla_convolution_and_its_gradient(shape, kernel, strides, padding):
+    from jax import lax
+
+    from crit.models.conv import shifted_conv
+    x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
+    w = jax.random.normal(jax.random.PRNGKey(1), (*kernel, shape[-1], 5), jnp.float64)
+    nd = len(shape)
+    dn = lax.ConvDimensionNumbers((0, nd - 1, *range(1, nd - 1)),
+                                  (nd - 1, nd - 2, *range(nd - 2)), (0, nd - 1, *range(1, nd - 1)))
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.tanh(conv(x, w, strides, padding, dimension_numbers=dn)) ** 2)
+
+    ref = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+    got = shifted_conv(x, w, strides, padding, dimension_numbers=dn)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13 * float(jnp.max(jnp.abs(ref))))
+    g_ref = jax.grad(lambda *a: loss(lax.conv_general_dilated, *a), argnums=(0, 1))(x, w)
+    g_got = jax.grad(lambda *a: loss(shifted_conv, *a), argnums=(0, 1))(x, w)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # dilated kernels are not a plain shift-and-multiply: handed to XLA unchanged
+    dil = shifted_conv(x, w, strides, "VALID" if len(kernel) else padding,
+                       rhs_dilation=(2,) * len(kernel), dimension_numbers=dn)
+    np.testing.assert_array_equal(dil, lax.conv_general_dilated(
+        x, w, strides, "VALID", rhs_dilation=(2,) * len(kernel), dimension_numbers=dn))
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_conv_implementations_give_the_same_model(name):
+    data, hp = tiny(CASES[name]["data"], 6), CASES[name]["hp"]
+    losses = {}
+    for impl in ("xla", "shifted"):  # the default "auto" picks one of them from the shapes
+        problem = model_problem(name, data, **hp, conv=impl)
+        params = problem.init_fn(jax.random.PRNGKey(0))
+        losses[impl] = (problem.n_params, float(problem.loss_fn(params)),
+                        ravel_pytree(jax.grad(problem.loss_fn)(params))[0])
+    assert losses["xla"][0] == losses["shifted"][0]
+    assert abs(losses["shifted"][1] - losses["xla"][1]) <= 1e-13 * abs(losses["xla"][1])
+    np.testing.assert_allclose(losses["shifted"][2], losses["xla"][2], rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="conv must be one of"):
+        model_problem(name, data, **hp, conv="fft")
+
+
+def test_auto_conv_picks_shifted_products_for_large_float64_inputs_on_cpu():
+    from crit.models.conv import AUTO_MIN_ELEMENTS, auto_conv
+    w = jnp.ones((3, 3, 4, 4), jnp.float64)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def primitives(n, dtype):
+        x = jnp.ones((n, 8, 8, 4), dtype)
+        jaxpr = jax.make_jaxpr(lambda a, b: auto_conv(a, b, (1, 1), "SAME",
+                                                      dimension_numbers=dn))(x, w.astype(dtype))
+        return {e.primitive.name for e in jaxpr.eqns}
+
+    big = -(-AUTO_MIN_ELEMENTS // 256)
+    assert "conv_general_dilated" not in primitives(big, jnp.float64)
+    assert "dot_general" in primitives(big, jnp.float64)
+    assert "conv_general_dilated" in primitives(big - 1, jnp.float64)
+    assert "conv_general_dilated" in primitives(big, jnp.float32)

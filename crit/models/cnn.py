@@ -4,7 +4,8 @@
 ``channels``, flatten, [dense → activation] for each entry of ``hidden``, dense to the outputs.
 Images are NHWC (n, H, W, C); sequences (n, L, C) get 1-D convolutions of width k. Average
 pooling (LeNet's subsampling) keeps the loss twice differentiable almost everywhere, unlike max
-pooling, whose Hessian jumps where the arg-max changes.
+pooling, whose Hessian jumps where the arg-max changes. ``conv`` picks the convolution's
+implementation (``crit.models.conv``: "auto", "xla", "shifted"; the same function up to rounding).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from crit.models.conv import conv_function
 from crit.models.mlp import ACTIVATIONS
 
 
@@ -23,6 +25,7 @@ class CNN(nn.Module):
     hidden: Sequence[int] = (64,)
     activation: str = "relu"
     kernel: int = 5
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -33,7 +36,8 @@ class CNN(nn.Module):
         act = ACTIVATIONS[self.activation]
         spatial = x.ndim - 2
         for c in self.channels:
-            x = nn.Conv(c, (self.kernel,) * spatial, padding="SAME", param_dtype=jnp.float64)(x)
+            x = nn.Conv(c, (self.kernel,) * spatial, padding="SAME", param_dtype=jnp.float64,
+                        conv_general_dilated=conv_function(self.conv))(x)
             x = act(x)
             if min(x.shape[1:-1]) >= 2:
                 x = nn.avg_pool(x, (2,) * spatial, strides=(2,) * spatial)

@@ -4,7 +4,9 @@ conv 3×3 (``width``) → BN → ReLU, then stages of ``width``, 2·``width``, 4
 (stride 2 at the start of stages 2 and 3), each block conv 3×3 → BN → ReLU → conv 3×3 → BN,
 plus the shortcut (identity, or 1×1 conv → BN where the shape changes: option B), → ReLU;
 global average pool, dense to the outputs. ``depth=20, width=16`` is ResNet-20 (0.27 M
-parameters on CIFAR-10). ``norm="none"`` drops BatchNorm (a stateless ResNet).
+parameters on CIFAR-10). ``norm="none"`` drops BatchNorm (a stateless ResNet). ``conv`` picks
+the convolution's implementation (``crit.models.conv``: "auto", "xla", "shifted"; the same
+function up to rounding).
 
 BatchNorm keeps running statistics in the ``batch_stats`` collection: state, not parameters.
 ``train=True`` normalizes with the batch's statistics and updates the running averages
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from crit.models.conv import conv_function
 
 
 class _Norm(nn.Module):
@@ -32,11 +36,13 @@ class _Block(nn.Module):
     channels: int
     stride: int
     norm: str
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
         conv = lambda c, k, s: nn.Conv(c, (k, k), strides=(s, s), padding="SAME",  # noqa: E731
-                                       use_bias=self.norm == "none", param_dtype=jnp.float64)
+                                       use_bias=self.norm == "none", param_dtype=jnp.float64,
+                                       conv_general_dilated=conv_function(self.conv))
         y = nn.relu(_Norm(self.norm)(conv(self.channels, 3, self.stride)(x), train))
         y = _Norm(self.norm)(conv(self.channels, 3, 1)(y), train)
         if self.stride != 1 or x.shape[-1] != self.channels:
@@ -49,6 +55,7 @@ class ResNet(nn.Module):
     depth: int = 20
     width: int = 16
     norm: str = "batch"
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -61,12 +68,12 @@ class ResNet(nn.Module):
             raise ValueError(f"resnet needs images (n, H, W, C); got input of shape {x.shape}")
         blocks = (self.depth - 2) // 6
         x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=self.norm == "none",
-                    param_dtype=jnp.float64)(x)
+                    param_dtype=jnp.float64, conv_general_dilated=conv_function(self.conv))(x)
         x = nn.relu(_Norm(self.norm)(x, train))
         for stage in range(3):
             for b in range(blocks):
                 stride = 2 if stage > 0 and b == 0 else 1
-                x = _Block(self.width * 2 ** stage, stride, self.norm)(x, train)
+                x = _Block(self.width * 2 ** stage, stride, self.norm, self.conv)(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.n_outputs, param_dtype=jnp.float64)(x)
 
