@@ -16,9 +16,11 @@ second network is also permuted to match the first by weight matching (crit.alig
 versions are kept. For every pair (and alignment) the app evaluates the loss on the straight
 line (Goodfellow et al. 2015), relaxes a climbing-image nudged elastic band from that line
 (crit.paths; ``--insert_images`` adds AutoNEB images where the energy jumps most and relaxes
-again), refines the climbing image with Newton and labels it (crit.mountain_pass:
-index_1_saddle, higher_index, degenerate, drifted_to_minimum, not_converged, no_barrier). All
-bands of a width run in one vmapped call. Barriers are max L − max(L_a, L_b).
+again), refines the climbing image (eigenvector following, then Newton) and labels it
+(crit.mountain_pass: index_1_saddle, higher_index, degenerate, drifted_to_minimum, not_converged,
+no_barrier), and follows steepest descent from both sides of the saddle (``--connect_steps``):
+column on_path says both sides end on the band, on either side of its top (the saddle is a pass
+of this path), connects that they end at the two minima themselves. All bands of a width run in one vmapped call. Barriers are max L − max(L_a, L_b).
 
 ``--mode=toy`` runs the band between the lecture toy's minima (1, 1) and (−1, −1), which finds
 the saddle at the origin (loss 1, eigenvalues ±2); ``--mode=muller_brown`` runs bands A→C,
@@ -47,7 +49,8 @@ from crit import paths, store, toy
 from crit.align import weight_matching
 from crit.critical import CRITICAL, STATUSES, certify, newton_critical_point
 from crit.hessian import dense_hessian
-from crit.mountain_pass import SADDLE_LABELS, certify_band_top, label_names
+from crit.mountain_pass import (INDEX_1_SADDLE, SADDLE_LABELS, certify_band_top,
+                                descent_connection, label_names)
 from crit.problems import flatten
 from crit.spectrum import default_tolerance
 from crit.train import make_optimizer, train
@@ -66,8 +69,8 @@ flags.DEFINE_integer("seed", 0, "Root seed of the initializations.")
 flags.DEFINE_enum("align", "weights", ["none", "weights"], "none: paths between the minima as "
                   "trained; weights: also after permuting the second network's hidden units to "
                   "match the first (weight matching, Ainsworth et al. 2023).")
-flags.DEFINE_integer("num_images", 11, "Images per band, the two minima included.")
-flags.DEFINE_integer("band_steps", 4000, "Optimizer steps of the band at most (stops earlier "
+flags.DEFINE_integer("num_images", 15, "Images per band, the two minima included.")
+flags.DEFINE_integer("band_steps", 5000, "Optimizer steps of the band at most (stops earlier "
                      "when converged).")
 flags.DEFINE_float("band_lr", 1e-2, "Adam step of the band (cosine-decayed to 1e-3 of it).")
 flags.DEFINE_float("spring", 1.0, "Spring constant of the band (spacing only; not the path).")
@@ -78,6 +81,10 @@ flags.DEFINE_integer("insert_images", 0, "AutoNEB: after relaxing, insert this m
                      "the energy jumps most and relax again (0: off).")
 flags.DEFINE_float("barrier_tol", 1e-9, "A band whose highest image is not above the higher "
                    "minimum by more than this has no barrier (label no_barrier, no saddle).")
+flags.DEFINE_integer("connect_steps", 2000, "Steepest-descent (Adam) steps from both sides of "
+                     "each certified top along its negative-curvature direction: columns on_path "
+                     "(both ends on the band, either side of its top) and connects (the ends are "
+                     "the two minima); 0 skips.")
 flags.DEFINE_integer("line_points", 51, "Points on the straight line between the minima.")
 flags.DEFINE_integer("plane_grid", 31, "Points per axis of the plane figure's loss grid.")
 flags.DEFINE_string("out_dir", "runs/minimum_paths", "Results directory.")
@@ -89,7 +96,7 @@ FLAGS.set_default("dataset", "gaussian")
 FLAGS.set_default("n_points", 48)
 FLAGS.set_default("dim_in", 2)
 FLAGS.set_default("l2", 1e-2)
-FLAGS.set_default("train_steps", 2000)
+FLAGS.set_default("train_steps", 5000)
 
 # Shared flags this app has no use for: refused when given, kept out of the fingerprint.
 UNUSED_SHARED = ("widths", "log_every", "finder", "finder_lr", "flat_tol", "train_dtype")
@@ -133,6 +140,7 @@ def validate() -> None:
                    if FLAGS[name].present]
     for name, low in (("depth", 1), ("num_pairs", 1), ("num_images", 3), ("band_steps", 1),
                       ("climb_after", 0), ("insert_images", 0), ("line_points", 3),
+                      ("connect_steps", 0),
                       ("plane_grid", 3)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
@@ -185,7 +193,16 @@ def paths_between(energy_fn, starts, ends) -> dict:
         cert = certify_band_top(energy_fn, band, FLAGS.barrier_tol, grad_tol=FLAGS.grad_tol,
                                 eig_tol=FLAGS.eig_tol, max_iters=FLAGS.finder_steps or FINDER_STEPS)
         line = paths.line_energies(energy_fn, a, b, FLAGS.line_points)
-        return dict(
+        if FLAGS.connect_steps:
+            conn = descent_connection(energy_fn, cert.theta, band.images, band.climbing,
+                                      FLAGS.connect_steps)
+            saddle = cert.label == INDEX_1_SADDLE
+            links = dict(on_path=conn.on_path & saddle, connects=conn.connects & saddle,
+                         descent_path_dist=jnp.max(conn.path_dist))
+        else:
+            links = dict(on_path=jnp.asarray(False), connects=jnp.asarray(False),
+                         descent_path_dist=jnp.asarray(jnp.nan))
+        return dict(**links,
             line_loss=line, line_barrier=paths.barrier_height(line),
             path_images=band.images, path_loss=band.energies, path_arc=paths.arc_length(band.images),
             path_barrier=paths.barrier_height(band.energies), climbing=band.climbing,
@@ -347,6 +364,8 @@ def pair_columns(results: dict[str, dict]) -> dict[str, np.ndarray]:
                      "saddle_displacement"):
             add(name, r[name])
         add("saddle_status", np.asarray(STATUSES)[r["saddle_status"]])
+        for name in ("on_path", "connects", "descent_path_dist"):
+            add(name, r[name])
         add("finder_iterations", r["saddle_iterations"])
     return {k: np.asarray(v) for k, v in cols.items()}
 
@@ -563,7 +582,9 @@ def main(argv):
               f"{cols['saddle_index'][i]})")
     labels = ", ".join(f"{n} {int((cols['saddle_label'] == n).sum())}" for n in SADDLE_LABELS
                        if (cols["saddle_label"] == n).any())
-    print(f"tops: {labels}")
+    print(f"tops: {labels}; on the path (descent from both sides ends on the band): "
+          f"{int((cols['on_path'] == True).sum())}, joining the two minima themselves: "  # noqa: E712
+          f"{int((cols['connects'] == True).sum())} of {len(cols['pair'])}")  # noqa: E712
     print(f"wrote {out_dir}/pairs.csv, minima.csv, paths.npz, group files and figures")
 
 

@@ -22,7 +22,8 @@ from tests.app_runner import assert_same_results, read_rows, run_app
 
 TINY = ["--width_sweep=2,3", "--num_pairs=1", "--n_points=16", "--train_steps=100",
         "--band_steps=100", "--climb_after=20", "--num_images=5",
-        "--line_points=5", "--plane_grid=5", "--finder_steps=5", "--align=weights"]
+        "--line_points=5", "--plane_grid=5", "--finder_steps=5", "--align=weights",
+        "--connect_steps=20"]
 PAIR_COLUMNS = [
     "problem", "width", "n_params", "pair", "alignment", "init_a", "init_b",
     "distance_unaligned", "distance", "min_a_loss", "min_a_grad_norm", "min_a_verdict",
@@ -30,7 +31,8 @@ PAIR_COLUMNS = [
     "band_converged", "band_perp_force", "band_climb_force", "band_steps", "num_images",
     "path_length", "saddle_label", "saddle_loss", "saddle_grad_norm", "saddle_index",
     "saddle_null", "saddle_lambda_min", "saddle_lambda_next", "eig_tol", "saddle_barrier",
-    "saddle_displacement", "saddle_status", "finder_iterations"]
+    "saddle_displacement", "saddle_status", "finder_iterations", "on_path", "connects",
+    "descent_path_dist"]
 MINIMA_COLUMNS = ["width", "init_id", "loss", "grad_norm", "status", "verdict", "n_neg",
                   "n_null", "lambda_min", "lambda_max"]
 FIGURES = ["minimum_paths", "minimum_paths_plane", "barrier_vs_width"]
@@ -48,7 +50,7 @@ BAD = {
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("minimum_paths")
     jobs = {"tiny": TINY + [f"--out_dir={root / 'tiny'}"],
-            "toy": ["--mode=toy", "--line_points=21", "--plane_grid=9",
+            "toy": ["--mode=toy", "--line_points=21", "--plane_grid=9", "--connect_steps=300",
                     f"--out_dir={root / 'toy'}"]}
     jobs.update({f"bad_{k}": args + [f"--out_dir={root / ('bad_' + k)}"]
                  for k, (args, _) in BAD.items()})
@@ -104,6 +106,8 @@ def test_toy_mode_finds_the_saddle_at_the_origin(runs):
     assert abs(float(row["saddle_barrier"]) - 1.0) <= 1e-8
     assert float(row["saddle_lambda_min"]) == pytest.approx(-2.0, abs=1e-8)
     assert float(row["saddle_lambda_next"]) == pytest.approx(2.0, abs=1e-8)
+    # steepest descent from the origin ends at (1, 1) and (−1, −1)
+    assert row["connects"] == "True" and row["on_path"] == "True"
     with np.load(root / "toy" / "group_toy.npz") as group:
         np.testing.assert_allclose(group["saddle_theta"][0], [0.0, 0.0], atol=1e-8)
     assert not (root / "toy" / "barrier_vs_width.png").exists()

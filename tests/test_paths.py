@@ -16,7 +16,7 @@ import crit  # noqa: F401  (float64)
 from crit import align, paths, toy
 from crit.critical import newton_critical_point
 from crit.mountain_pass import (INDEX_1_SADDLE, NO_BARRIER, certify_band_top, certify_top,
-                                eigenvector_following, has_interior_maximum, label_names)
+                                descent_connection, eigenvector_following, has_interior_maximum, label_names)
 from crit.problems import flatten, mlp_problem
 
 PUBLISHED_SADDLES = np.array(paths.MULLER_BROWN_SADDLES)  # (−0.822, 0.624), (0.212, 0.293)
@@ -91,6 +91,21 @@ def test_muller_brown_bands_find_both_published_saddles(muller_brown):
     for theta in np.asarray(certs.theta):
         lam = np.linalg.eigvalsh(np.asarray(jax.hessian(paths.muller_brown)(jnp.asarray(theta))))
         assert lam[0] < -100 and lam[1] > 100
+
+
+def test_descent_from_each_saddle_ends_at_the_two_minima_of_its_band(muller_brown):
+    bands, certs = muller_brown["bands"], muller_brown["certs"]
+    conn = jax.jit(jax.vmap(lambda s, im, c: descent_connection(paths.muller_brown, s, im, c,
+                                                                num_steps=1000)))(
+        certs.theta, bands.images, bands.climbing)
+    np.testing.assert_array_equal(conn.connects, [True, True])
+    np.testing.assert_array_equal(conn.on_path, [True, True])
+    # a point that is not on the band is not a pass of it
+    far = jnp.asarray(PUBLISHED_SADDLES[::-1])  # each band's top swapped with the other's
+    swapped = jax.jit(jax.vmap(lambda s, im, c: descent_connection(paths.muller_brown, s, im, c,
+                                                                   num_steps=1000)))(
+        far, bands.images, bands.climbing)
+    np.testing.assert_array_equal(swapped.connects, [False, False])
 
 
 def test_vmap_over_paths_equals_a_loop_and_any_chunk(muller_brown):
