@@ -21,7 +21,8 @@ old top one is still found). The Krylov space of :math:`v_0` then holds both old
 two steps, and both ends converge in a few more. The run is continued ``lanczos_block`` steps at
 a time (:func:`crit.lanczos.lanczos_advance`, exact continuation) until the residual estimates
 :math:`\rho = |\beta_{k-1} s_{k-1}|` of *both* extremal Ritz pairs are at most
-``lanczos_tol`` :math:`\cdot \max|\theta|`, or ``lanczos_steps`` is reached (then the
+``lanczos_tol`` :math:`\cdot \max|\theta|`, or ``lanczos_steps`` (``cold_lanczos_steps`` for a
+cold start) is reached (then the
 ``converged`` flag is False). An eigenvalue of H lies within :math:`\rho` of each Ritz value, and
 within :math:`\rho^2/\delta` if the gap to the next is :math:`\delta`. The HVPs spent are
 recorded per track (under ``vmap`` the batch runs until its slowest member converges; the count
@@ -107,10 +108,16 @@ class TrackingConfig(NamedTuple):
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    lanczos_steps: int = 64
-    """Most HVPs of one track (the Lanczos basis holds this many vectors)."""
+    lanczos_steps: int = 48
+    """Most HVPs of one warm-started track (the Lanczos basis holds this many vectors). Keep
+    it at most 64: XLA:CPU's ``eigh`` of the tridiagonal (the final Ritz vectors, and the
+    checks past 48 steps) is ~40x slower above 64 (measured 2026-12-02). With 32 about 2% of
+    the tracks of the default sweep ended unconverged (the fast first steps); with 48 none."""
+    cold_lanczos_steps: int = 64
+    """Most HVPs of a cold track (the first one; every one without ``warm_start``; the first
+    preconditioned one for Adam, whose runs all use this basis)."""
     lanczos_block: int = 4
-    """Steps between convergence checks; ``lanczos_steps`` must be a multiple of it."""
+    """Steps between convergence checks; both step budgets must be multiples of it."""
     lanczos_tol: float = 1e-8
     """Relative residual at which a Ritz pair counts as converged."""
     warm_start: bool = True
@@ -229,18 +236,38 @@ def adam_preconditioner(opt_state, b1: float, b2: float, eps: float) -> Array:
     return jnp.where(t > 0, p, jnp.nan)
 
 
+#: Sizes of the leading block of T on which convergence is checked, phase by phase (see
+#: :func:`extremal_track`): a check costs one ``eigh`` of that size, not of the whole basis.
+CHECK_SIZES = (16, 32, 48, 64)
+
+
+def check_sizes(max_steps: int, block: int) -> tuple[int, ...]:
+    """Phase bounds of :func:`extremal_track`: :data:`CHECK_SIZES` rounded up to multiples of
+    ``block``, below ``max_steps``, then ``max_steps`` itself."""
+    up = sorted({-(-s // block) * block for s in CHECK_SIZES})
+    return tuple(s for s in up if s < max_steps) + (max_steps,)
+
+
 def extremal_track(matvec: Callable[[Array], Array], v0: Array, max_steps: int, block: int,
                    tol: float, *, both_ends: bool = True, skip=False) -> ExtremalTrack:
     r"""Lanczos from ``v0``, ``block`` steps at a time, until the top (and, with
     ``both_ends``, the bottom) Ritz pair has residual estimate :math:`\le` ``tol``
     :math:`\cdot\max|\theta|`, or ``max_steps`` steps. ``skip`` (may be traced) spends nothing
-    and returns NaN. Pure; vmappable (the loop runs until every batch member is done)."""
+    and returns NaN. Pure; vmappable (the loop runs until every batch member is done).
+
+    The loop runs in phases (:func:`check_sizes`): while at most 16 steps are taken, the check
+    diagonalizes the leading 16 × 16 block of the padded tridiagonal (the steps past the
+    current one are invalid and masked), then 32, and so on. Under ``vmap`` a batch whose
+    members all converge early never pays for a large ``eigh``; only the final Ritz vectors
+    use the whole basis.
+    """
     if max_steps % block:
         raise ValueError(f"max_steps={max_steps} must be a multiple of block={block}")
 
-    def ritz(state):
-        values, vectors = tridiag_eigh(state.alphas, state.betas, state.valid)
-        k = jnp.sum(state.valid)
+    def ritz(state, size):
+        values, vectors = tridiag_eigh(state.alphas[:size], state.betas[:size],
+                                       state.valid[:size])
+        k = jnp.sum(state.valid[:size])
         last = jnp.maximum(k - 1, 0)
         estimates = jnp.abs(state.betas[last] * vectors[last])
         top, bottom = last, 0
@@ -250,22 +277,23 @@ def extremal_track(matvec: Callable[[Array], Array], v0: Array, max_steps: int, 
         conv_bottom = ok & (estimates[bottom] <= tol * scale)
         return values, vectors, estimates, top, bottom, conv_top, conv_bottom
 
-    def done(state):
-        _, _, _, _, _, conv_top, conv_bottom = ritz(state)
-        return conv_top & (conv_bottom if both_ends else True)
+    def phase(carry, size):
+        def cond(carry):
+            state, finished = carry
+            return (state.steps < size) & ~finished
 
-    def cond(carry):
-        state, finished = carry
-        return (state.steps < max_steps) & ~finished
+        def body(carry):
+            state = lanczos_advance(matvec, carry[0], block)
+            _, _, _, _, _, conv_top, conv_bottom = ritz(state, size)
+            return state, conv_top & (conv_bottom if both_ends else True)
 
-    def body(carry):
-        state, _ = carry
-        state = lanczos_advance(matvec, state, block)
-        return state, done(state)
+        return jax.lax.while_loop(cond, body, carry)
 
-    state = lanczos_start(v0, max_steps)
-    state, _ = jax.lax.while_loop(cond, body, (state, jnp.asarray(skip)))
-    values, vectors, estimates, top, bottom, conv_top, conv_bottom = ritz(state)
+    carry = (lanczos_start(v0, max_steps), jnp.asarray(skip))
+    for size in check_sizes(max_steps, block):
+        carry = phase(carry, size)
+    state = carry[0]
+    values, vectors, estimates, top, bottom, conv_top, conv_bottom = ritz(state, max_steps)
 
     def ritz_vector(i):
         y = state.basis.T @ vectors[:, i]
@@ -318,19 +346,20 @@ def track_training(loss_fn: Callable[[Array], Array], theta0: Array, learning_ra
         opt_state = jax.tree.map(lambda a, b: jnp.where(diverged, b, a), new_state, opt_state)
         return (theta, opt_state, diverged, diverged_step), jnp.where(diverged, jnp.nan, loss)
 
-    def measure(theta, opt_state, vectors, k, diverged):
+    def measure(theta, opt_state, vectors, k, diverged, max_steps):
         grad, hvp = jax.linearize(grad_fn, theta)
         track_key = jax.random.fold_in(key, k)
         cold = (k == 0) | (not c.warm_start)
         v0 = warm_start_vector(vectors[:2], jax.random.fold_in(track_key, 0), c.warm_mix, cold)
-        ends = extremal_track(hvp, v0, c.lanczos_steps, c.lanczos_block, c.lanczos_tol,
+        ends = extremal_track(hvp, v0, max_steps, c.lanczos_block, c.lanczos_tol,
                               skip=diverged)
         nan = jnp.asarray(jnp.nan)
         if track_precond:
             d = 1.0 / jnp.sqrt(adam_preconditioner(opt_state, c.b1, c.b2, c.eps))
             v0p = warm_start_vector(vectors[2:], jax.random.fold_in(track_key, 1), c.warm_mix,
                                     cold | (k == 1))
-            pre = extremal_track(lambda v: d * hvp(d * v), v0p, c.lanczos_steps,
+            # its first run (k = 1) is cold: the larger basis every time
+            pre = extremal_track(lambda v: d * hvp(d * v), v0p, c.cold_lanczos_steps,
                                  c.lanczos_block, c.lanczos_tol, both_ends=False,
                                  skip=diverged | (k == 0))
             precond = (pre.lambda_max, pre.residual_max, pre.converged_max, pre.hvps)
@@ -362,31 +391,35 @@ def track_training(loss_fn: Callable[[Array], Array], theta0: Array, learning_ra
                   *precond, *index)
         return new_vectors, record
 
-    def block(carry, k):
-        theta, opt_state, diverged, diverged_step, vectors = carry
-        vectors, record = measure(theta, opt_state, vectors, k, diverged)
+    def measure_and_keep(theta, opt_state, vectors, k, diverged, max_steps):
+        vectors, record = measure(theta, opt_state, vectors, k, diverged, max_steps)
         if c.keep_params:
             precond_diag = (adam_preconditioner(opt_state, c.b1, c.b2, c.eps)
                             if c.optimizer == "adam" else jnp.full_like(theta, jnp.nan))
             record = record + (theta, precond_diag)
-        steps = k * c.track_every + jnp.arange(c.track_every)
+        return vectors, record
 
-        def advance(_):
-            return jax.lax.scan(step, (theta, opt_state, diverged, diverged_step), steps)
+    def block(carry, k):
+        """``track_every`` steps, then track k (k = 1..K)."""
+        theta, opt_state, diverged, diverged_step, vectors = carry
+        steps = (k - 1) * c.track_every + jnp.arange(c.track_every)
+        (theta, opt_state, diverged, diverged_step), losses = jax.lax.scan(
+            step, (theta, opt_state, diverged, diverged_step), steps)
+        vectors, record = measure_and_keep(
+            theta, opt_state, vectors, k, diverged,
+            c.lanczos_steps if c.warm_start else c.cold_lanczos_steps)
+        return (theta, opt_state, diverged, diverged_step, vectors), (record, losses)
 
-        def stay(_):
-            return (theta, opt_state, diverged, diverged_step), jnp.full(c.track_every, jnp.nan)
-
-        # no steps after the last track (the counter is unbatched: a real branch under vmap)
-        inner, losses = jax.lax.cond(k < n_tracks - 1, advance, stay, None)
-        return (*inner, vectors), (record, losses)
-
+    # the first track starts cold: its own, larger Lanczos basis (a static shape)
     zeros = jnp.zeros_like(theta0)
-    carry = (theta0, optimizer.init(theta0), jnp.asarray(False), jnp.asarray(-1),
-             (zeros, zeros, zeros))
-    carry, (records, losses) = jax.lax.scan(block, carry, jnp.arange(n_tracks))
+    opt_state0 = optimizer.init(theta0)
+    vectors, first = measure_and_keep(theta0, opt_state0, (zeros, zeros, zeros),
+                                      jnp.asarray(0), jnp.asarray(False), c.cold_lanczos_steps)
+    carry = (theta0, opt_state0, jnp.asarray(False), jnp.asarray(-1), vectors)
+    carry, (records, losses) = jax.lax.scan(block, carry, jnp.arange(1, n_tracks))
+    records = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, records)
     theta, opt_state, diverged, diverged_step, _ = carry
-    losses = losses.reshape(-1)[: (n_tracks - 1) * c.track_every]
+    losses = losses.reshape(-1)
     tail = c.num_steps - (n_tracks - 1) * c.track_every
     if tail:
         steps = (n_tracks - 1) * c.track_every + jnp.arange(tail)

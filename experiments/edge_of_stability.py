@@ -53,8 +53,10 @@ flags.DEFINE_integer("num_inits", 4, "Initializations per learning rate (vmapped
                      "fold_in(PRNGKey(seed), i) for every learning rate.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_integer("track_every", 10, "Steps between curvature tracks (λ_max, λ_min).")
-flags.DEFINE_integer("lanczos_steps", 64, "Most HVPs of one track (Lanczos basis size). Above "
-                     "64, XLA:CPU's eigh of the tridiagonal is ~40x slower.")
+flags.DEFINE_integer("lanczos_steps", 48, "Most HVPs of one warm-started track (Lanczos basis "
+                     "size). Above 64, XLA:CPU's eigh of the tridiagonal is ~40x slower.")
+flags.DEFINE_integer("cold_lanczos_steps", 64, "Most HVPs of a cold track (the first; every "
+                     "track with --nowarm_start; Adam's preconditioned runs).")
 flags.DEFINE_integer("lanczos_block", 4, "Lanczos steps between convergence checks; "
                      "--lanczos_steps must be a multiple of it.")
 flags.DEFINE_float("lanczos_tol", 1e-8, "Relative residual |β s|/max|θ| at which both ends "
@@ -123,7 +125,7 @@ def validate() -> None:
     except ValueError as exc:
         errors.append(str(exc))
     for name, low in (("num_inits", 1), ("train_steps", 1), ("track_every", 1),
-                      ("lanczos_steps", 2), ("lanczos_block", 1), ("slq_every", 0),
+                      ("lanczos_steps", 2), ("cold_lanczos_steps", 2), ("lanczos_block", 1), ("slq_every", 0),
                       ("slq_probes", 1), ("slq_steps", 2), ("dense_max_params", 0)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
@@ -131,9 +133,10 @@ def validate() -> None:
         errors.append(f"--track_every={FLAGS.track_every}: longer than the run "
                       f"(--train_steps={FLAGS.train_steps}); nothing after step 0 would be "
                       "tracked")
-    if FLAGS.lanczos_block >= 1 and FLAGS.lanczos_steps % FLAGS.lanczos_block:
-        errors.append(f"--lanczos_steps={FLAGS.lanczos_steps}: must be a multiple of "
-                      f"--lanczos_block={FLAGS.lanczos_block}")
+    for name in ("lanczos_steps", "cold_lanczos_steps"):
+        if FLAGS.lanczos_block >= 1 and getattr(FLAGS, name) % FLAGS.lanczos_block:
+            errors.append(f"--{name}={getattr(FLAGS, name)}: must be a multiple of "
+                          f"--lanczos_block={FLAGS.lanczos_block}")
     if not (0 < FLAGS.lanczos_tol < 1):
         errors.append(f"--lanczos_tol={FLAGS.lanczos_tol}: must be in (0, 1)")
     for name in ("warm_mix", "slq_rel_tol"):
@@ -158,7 +161,8 @@ def tracking_config() -> TrackingConfig:
     return TrackingConfig(
         optimizer=OPTIMIZER_NAMES[FLAGS.optimizer], num_steps=FLAGS.train_steps,
         track_every=FLAGS.track_every, momentum=FLAGS.momentum,
-        lanczos_steps=FLAGS.lanczos_steps, lanczos_block=FLAGS.lanczos_block,
+        lanczos_steps=FLAGS.lanczos_steps, cold_lanczos_steps=FLAGS.cold_lanczos_steps,
+        lanczos_block=FLAGS.lanczos_block,
         lanczos_tol=FLAGS.lanczos_tol, warm_start=FLAGS.warm_start, warm_mix=FLAGS.warm_mix,
         slq_every=FLAGS.slq_every, slq_probes=FLAGS.slq_probes, slq_steps=FLAGS.slq_steps,
         slq_rel_tol=FLAGS.slq_rel_tol, divergence_factor=FLAGS.divergence_factor)

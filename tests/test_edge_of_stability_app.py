@@ -11,7 +11,8 @@ from tests.app_runner import read_rows, run_app
 # MLP 1-4-1 on 16 sinc points (P = 13), a stable and a diverging learning rate, 2 inits,
 # SLQ on
 TINY = ["--widths=4", "--n_points=16", "--learning_rates=0.1,0.9", "--num_inits=2",
-        "--train_steps=30", "--track_every=10", "--lanczos_steps=16", "--slq_every=2",
+        "--train_steps=30", "--track_every=10", "--lanczos_steps=16",
+        "--cold_lanczos_steps=16", "--slq_every=2",
         "--slq_probes=2", "--slq_steps=8", "--grad_tol=5e-2"]
 COLUMNS = ["learning_rate", "init_id", "optimizer", "sharpness_kind", "threshold",
            "sharpness_init", "reached_step", "sharpness_after_mean", "sharpness_after_std",

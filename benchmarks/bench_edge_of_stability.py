@@ -1,0 +1,261 @@
+"""Curvature tracking during training, many learning rates at once (issue 16).
+
+Run from the repository root::
+
+    python -m benchmarks.bench_edge_of_stability                    # ~3-5 min on 2 cores
+    python -m benchmarks.bench_edge_of_stability --steps 200 --torch_configs 4   # quick
+
+Workload: MLP 1-16-16-1 tanh on sinc (256 points, P = 321, MSE, float64), full-batch gradient
+descent at 8 learning rates × 4 inits, λ_max and λ_min of the full-data Hessian tracked every 10
+steps to relative residual 1e-8 (``crit.tracking``). Compared, after compilation:
+
+1. crit, one vmapped program: ``jit(track_sweep)`` over all 32 configurations;
+2. crit, one configuration at a time: ``jit(track_training)`` (compiled once) called 32 times;
+3. a per-configuration PyTorch loop, as the public edge-of-stability code is written: full-batch
+   GD in torch (float64), and every 10 steps ``scipy.sparse.linalg.eigsh`` (ARPACK's implicitly
+   restarted Lanczos) on a torch Hessian-vector product (double backward through one retained
+   gradient graph per track), once for the largest (``which='LA'``) and once for the smallest
+   (the largest of λ_max·I − H) eigenvalue. ARPACK's ``tol`` is relative to the eigenvalue it
+   computes, so both ends come to about the same absolute accuracy 1e-8·λ_max as crit's. Timed on
+   ``--torch_configs`` configurations and extrapolated linearly to 32 (the loop is serial).
+   The torch runs start from crit's initial parameters, so their λ_max series can be checked
+   against crit's over the first tracks (printed).
+
+Targets (issue 16): ≥ 4× over one-at-a-time crit, ≥ 10× over the PyTorch loop on 2 CPU
+cores, ≤ 20 HVPs per track after warm-up (tracks after the first, non-diverged runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import numpy as np
+
+LEARNING_RATES = (0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.25)
+NUM_INITS = 4
+TRACK_EVERY = 10
+TOL = 1e-8
+
+
+def crit_setup(steps: int):
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import crit  # noqa: F401  (float64)
+    from crit.problems import mlp_problem
+    from crit.tracking import TrackingConfig
+
+    problem = mlp_problem("sinc", widths=(16, 16))
+    root = jax.random.PRNGKey(0)
+    params = [problem.init_fn(jax.random.fold_in(root, i)) for i in range(NUM_INITS)]
+    _, unravel = ravel_pytree(params[0])
+    thetas = jnp.stack([ravel_pytree(p)[0] for p in params])
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(1), i) for i in range(NUM_INITS)])
+    config = TrackingConfig(optimizer="gd", num_steps=steps, track_every=TRACK_EVERY,
+                            lanczos_tol=TOL)
+    loss = lambda t: problem.loss_fn(unravel(t))  # noqa: E731
+    return problem, loss, thetas, keys, config, params
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``, best of ``repeats``. CPU time (all threads of this
+    process) is the steadier measure on a machine shared with other jobs."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+    return best
+
+
+def run_crit(steps: int, repeats: int):
+    import jax
+    import jax.numpy as jnp
+
+    from crit.tracking import track_sweep, track_training
+
+    problem, loss, thetas, keys, config, params = crit_setup(steps)
+    lrs = jnp.asarray(LEARNING_RATES)
+    sweep = jax.jit(lambda th, lr, ks: track_sweep(loss, th, lr, ks, config))
+    start = time.perf_counter()
+    out = jax.block_until_ready(sweep(thetas, lrs, keys))
+    compile_sweep = time.perf_counter() - start
+    t_sweep = timed(lambda: jax.block_until_ready(sweep(thetas, lrs, keys)), repeats)
+
+    one = jax.jit(lambda th, lr, k: track_training(loss, th, lr, k, config))
+    start = time.perf_counter()
+    jax.block_until_ready(one(thetas[0], lrs[0], keys[0]))
+    compile_one = time.perf_counter() - start
+
+    def loop():
+        for lr in LEARNING_RATES:
+            for j in range(NUM_INITS):
+                jax.block_until_ready(one(thetas[j], lr, keys[j]))
+
+    t_loop = timed(loop, repeats)
+    return problem, out, params, dict(sweep=t_sweep, loop=t_loop, compile_sweep=compile_sweep,
+                                      compile_one=compile_one)
+
+
+def hvp_stats(out) -> dict:
+    hvps = np.asarray(out.hvps)[..., 1:]
+    live = np.isfinite(np.asarray(out.lambda_max))[..., 1:]
+    conv = (np.asarray(out.converged_max) & np.asarray(out.converged_min))[..., 1:]
+    first = np.asarray(out.hvps)[..., 0]
+    return dict(mean=hvps[live].mean(), median=np.median(hvps[live]), p90=np.percentile(
+        hvps[live], 90), max=hvps[live].max(), first=first.mean(), converged=conv[live].mean(),
+        tracks=int(live.sum()), diverged=int((np.asarray(out.diverged_step) >= 0).sum()))
+
+
+def torch_loop(problem, params, steps: int, configs: list[tuple[int, int]], threads: int):
+    """Per-configuration GD + ARPACK tracking in torch; returns (seconds, λ_max series, HVPs)."""
+    import scipy.sparse.linalg as sla
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.tensor(np.asarray(problem.dataset.x_train), dtype=torch.float64)
+    y = torch.tensor(np.asarray(problem.dataset.y_train), dtype=torch.float64)
+
+    def to_torch(p):
+        layers = [p["params"][k] for k in sorted(p["params"], key=lambda s: int(s.split("_")[1]))]
+        return [torch.tensor(np.asarray(layer[name]), dtype=torch.float64)
+                for layer in layers for name in ("kernel", "bias")]
+
+    def loss_fn(ws):
+        h = x
+        for i in range(0, len(ws) - 2, 2):
+            h = torch.tanh(h @ ws[i] + ws[i + 1])
+        return torch.mean((h @ ws[-2] + ws[-1] - y) ** 2)
+
+    series, hvp_counts = [], []
+    start, cpu = time.perf_counter(), time.process_time()
+    for i, j in configs:
+        lr = LEARNING_RATES[i]
+        ws = [w.clone().requires_grad_(True) for w in to_torch(params[j])]
+        lam = []
+        for step in range(steps + 1):
+            if step % TRACK_EVERY == 0:
+                grads = torch.autograd.grad(loss_fn(ws), ws, create_graph=True)
+                flat_g = torch.cat([g.reshape(-1) for g in grads])
+                n = flat_g.numel()
+                count = [0]
+
+                def matvec(v, flat_g=flat_g, count=count):
+                    count[0] += 1
+                    vt = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))
+                    hv = torch.autograd.grad(flat_g, ws, vt, retain_graph=True)
+                    return torch.cat([h.reshape(-1) for h in hv]).numpy()
+
+                op = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+                top = sla.eigsh(op, k=1, which="LA", tol=TOL, return_eigenvectors=False)[0]
+                # λ_min as λ_max − the top eigenvalue of λ_max·I − H: ARPACK's relative tol is
+                # then relative to ~λ_max, the same absolute accuracy as crit's criterion
+                shifted = sla.LinearOperator((n, n), dtype=np.float64,
+                                             matvec=lambda v, top=top: top * v - matvec(v))
+                bottom = top - sla.eigsh(shifted, k=1, which="LA", tol=TOL,
+                                         return_eigenvectors=False)[0]
+                lam.append((top, bottom))
+                hvp_counts.append(count[0])
+            if step == steps:
+                break
+            loss = loss_fn(ws)
+            if step == 0:
+                limit = 1e4 * loss.item()
+            if not torch.isfinite(loss) or loss.item() > limit:
+                break  # diverged: crit stops such a run too (divergence_factor 1e4)
+            grads = torch.autograd.grad(loss, ws)
+            with torch.no_grad():
+                for w, g in zip(ws, grads):
+                    w -= lr * g
+        series.append(np.asarray(lam))
+    return (time.perf_counter() - start, time.process_time() - cpu), series, hvp_counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500, help="GD steps per configuration.")
+    parser.add_argument("--repeats", type=int, default=1, help="Timed repeats (best kept).")
+    parser.add_argument("--torch_configs", type=int, default=4,
+                        help="PyTorch configurations timed (extrapolated to 32).")
+    parser.add_argument("--torch_threads", type=int, default=2)
+    parser.add_argument("--skip_torch", action="store_true")
+    args = parser.parse_args()
+
+    import jax
+
+    n_cfg = len(LEARNING_RATES) * NUM_INITS
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"# bench_edge_of_stability, {now:%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+          f"{platform.platform()}, load average {os.getloadavg()[0]:.1f} (shared machine: other "
+          f"jobs were running, timings are noisy), jax {jax.__version__} on "
+          f"{jax.default_backend()}")
+    print(f"workload: MLP 1-16-16-1 tanh on sinc (n = 256, P = 321, float64), full-batch GD, "
+          f"{len(LEARNING_RATES)} learning rates {list(LEARNING_RATES)} × {NUM_INITS} inits = "
+          f"{n_cfg} configurations, {args.steps} steps, λ_max and λ_min tracked every "
+          f"{TRACK_EVERY} steps ({args.steps // TRACK_EVERY + 1} tracks) to relative residual "
+          f"{TOL:g}")
+    problem, out, params, t = run_crit(args.steps, args.repeats)
+    stats = hvp_stats(out)
+    print()
+    print("| method | wall (s) | CPU (s) | CPU per configuration (s) | vmapped crit faster by "
+          "(wall / CPU) |")
+    print("|---|---|---|---|---|")
+    sw, sc = t["sweep"]
+    lw, lc = t["loop"]
+    print(f"| crit, one vmapped program ({n_cfg} configs) | {sw:.2f} | {sc:.2f} | "
+          f"{sc / n_cfg:.3f} | 1 |")
+    print(f"| crit, one configuration at a time | {lw:.2f} | {lc:.2f} | {lc / n_cfg:.3f} | "
+          f"**{lw / sw:.1f}× / {lc / sc:.1f}×** |")
+    torch_line = "| PyTorch loop + ARPACK eigsh | skipped: torch not installed | | | |"
+    agreement = None
+    if args.skip_torch:
+        torch_line = "| PyTorch loop + ARPACK eigsh | skipped (--skip_torch) | | | |"
+    else:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            configs = [(i, j) for i in range(len(LEARNING_RATES)) for j in range(NUM_INITS)]
+            # spread the timed subset over the learning rates (cost depends on η)
+            pick = np.linspace(0, n_cfg - 1, args.torch_configs).round().astype(int)
+            chosen = [configs[k] for k in pick]
+            (tw, tc), series, torch_hvps = torch_loop(problem, params, args.steps, chosen,
+                                                      args.torch_threads)
+            scale = n_cfg / len(chosen)
+            torch_line = (f"| PyTorch loop + ARPACK eigsh ({len(chosen)} configs timed, "
+                          f"extrapolated to {n_cfg}) | {tw * scale:.1f} | {tc * scale:.1f} | "
+                          f"{tc / len(chosen):.3f} | **{tw * scale / sw:.1f}× / "
+                          f"{tc * scale / sc:.1f}×** |")
+            lam = np.asarray(out.lambda_max)
+            diffs = []
+            for (i, j), s in zip(chosen, series):
+                k = min(len(s), 6)
+                diffs.append(np.max(np.abs(s[:k, 0] - lam[i, j, :k]) / np.abs(lam[i, j, :k])))
+            agreement = (max(diffs), float(np.mean(torch_hvps)))
+    print(torch_line)
+    print()
+    print(f"compile: vmapped program {t['compile_sweep']:.1f} s, single configuration "
+          f"{t['compile_one']:.1f} s (not in the times above)")
+    print(f"crit HVPs per track after warm-up (tracks 2..K of {n_cfg - stats['diverged']} "
+          f"non-diverged runs, {stats['tracks']} tracks): mean {stats['mean']:.1f}, median "
+          f"{stats['median']:.0f}, 90th percentile {stats['p90']:.0f}, max {stats['max']}; first "
+          f"(cold) track {stats['first']:.1f}; both ends converged to {TOL:g} in "
+          f"{100 * stats['converged']:.1f}% of tracks; {stats['diverged']} runs diverged")
+    if agreement is not None:
+        print(f"torch vs crit λ_max over the first 6 tracks: max relative difference "
+              f"{agreement[0]:.1e}; ARPACK HVPs per track (both ends, cold) {agreement[1]:.1f}")
+    print(f"targets: ≥ 4× over one-at-a-time crit ({lw / sw:.1f}× wall, {lc / sc:.1f}× CPU), "
+          "≥ 10× over "
+          "the PyTorch loop (see table), ≤ 20 HVPs per track after warm-up "
+          f"({stats['mean']:.1f} mean)")
+
+
+if __name__ == "__main__":
+    main()
