@@ -6,7 +6,9 @@
 Protocol. For every batch size b and run i, a model starts from ``init_fn(fold_in(PRNGKey(seed),
 i))`` (the same init for every b, so b is the only difference) and is trained ``--epochs`` epochs
 of mini-batch ``--optimizer`` steps on batches of b (a fresh permutation every epoch; the runs of
-one b are vmapped). At each solution θ:
+one b are vmapped). A model with BatchNorm trains its running statistics with the weights
+(``crit.train.train_model``, ⌊n/b⌋ steps per epoch) and every measurement below is of
+L(θ; state) with the trained state fixed, under ``--batchnorm``. At each solution θ:
 
 * ε-sharpness (Keskar et al. 2017): 100·max_{z∈C_ε} [L(θ + z) − L(θ)] / (1 + L(θ)) on the full
   training loss, by ``crit.landscape.epsilon_sharpness`` (random starts + projected ascent: a
@@ -41,9 +43,10 @@ from experiments import common, model_flags  # noqa: F401  (--model, --data_file
 from crit import landscape, store
 from crit.hessian import hvp_operator, symmetrize
 from crit.lanczos import extremal_eigenpairs
-from crit.train import cast_params, make_optimizer, minibatch_train, tree_norm
+from crit.train import cast_params, make_optimizer, minibatch_train, train_model, tree_norm
 
 FLAGS = flags.FLAGS
+TRAINS_STATE = True  # trains BatchNorm statistics with the weights (experiments/model_flags)
 flags.DEFINE_string("batch_sizes", "32,64,256,1024", "Comma-separated batch sizes to compare.")
 flags.DEFINE_integer("epochs", 50, "Training epochs per model (--train_steps does not apply).")
 flags.DEFINE_integer("num_runs", 2, "Runs per batch size (vmapped); run i uses init "
@@ -150,22 +153,26 @@ def analyse(problem, dense: bool):
     xtr, ytr, xte, yte = (jnp.asarray(a) for a in (d.x_train, d.y_train, d.x_test, d.y_test))
     classification = d.task == "classification"
 
-    def output(params, xn):
-        out = problem.apply_fn(params, xn)
-        return jax.nn.softmax(out) if classification else out
+    def one(params, state, key):
+        # a model's state (BatchNorm statistics) is fixed at its trained value: every loss
+        # below is L(θ; state) under the problem's --batchnorm semantics
+        loss_fn = problem.bind_state(state)
 
-    def one(params, key):
-        loss, grad = jax.value_and_grad(problem.loss_fn)(params)
+        def output(p, xn):
+            out = problem.apply_fn(p, xn, state)
+            return jax.nn.softmax(out) if classification else out
+
+        loss, grad = jax.value_and_grad(loss_fn)(params)
         sharp = landscape.epsilon_sharpness(
-            problem.loss_fn, params, jax.random.fold_in(key, 0), FLAGS.epsilon,
+            loss_fn, params, jax.random.fold_in(key, 0), FLAGS.epsilon,
             FLAGS.sharpness_samples, FLAGS.ascent_steps, constraint=FLAGS.constraint,
             chunk_size=FLAGS.vmap_width)
         sens = landscape.input_sensitivity(output, params, xte, FLAGS.vmap_width)
-        curvature = hessian_or_lanczos(problem.loss_fn, params, jax.random.fold_in(key, 1),
+        curvature = hessian_or_lanczos(loss_fn, params, jax.random.fold_in(key, 1),
                                        dense, FLAGS.vmap_width, FLAGS.lanczos_steps)
-        acc = lambda x_, y_: (jnp.mean(jnp.argmax(problem.apply_fn(params, x_), -1) == y_)
-                              if classification else jnp.nan)
-        out = dict(train_loss=loss, test_loss=problem.batch_loss_fn(params, xte, yte),
+        acc = lambda x_, y_: (jnp.mean(jnp.argmax(problem.apply_fn(params, x_, state), -1)
+                                       == y_) if classification else jnp.nan)
+        out = dict(train_loss=loss, test_loss=problem.batch_loss_fn(params, xte, yte, state),
                    train_acc=acc(xtr, ytr), test_acc=acc(xte, yte), grad_norm=tree_norm(grad),
                    sharpness=sharp.relative, sharpness_increase=sharp.increase,
                    sensitivity=sens)
@@ -251,13 +258,20 @@ def main(argv):
             init_key = jax.random.fold_in(root, i)
             params = cast_params(problem.init_fn(init_key), dtype)
             order_key = jax.random.fold_in(jax.random.fold_in(init_key, 1), b)
-            trained = minibatch_train(problem.batch_loss_fn, optimizer, params, x, y, order_key,
-                                      b, FLAGS.epochs)
-            return cast_params(trained, jnp.float64), jax.random.fold_in(
-                jax.random.fold_in(init_key, 2), b)
+            if problem.has_state:  # BatchNorm: its running statistics train with the weights
+                state = problem.init_state_fn(init_key)
+                steps = FLAGS.epochs * (n // b)
+                trained, state, _ = train_model(problem, optimizer, params, state, order_key,
+                                                steps, log_every=steps, batch_size=b)
+            else:
+                state = {}
+                trained = minibatch_train(problem.batch_loss_fn, optimizer, params, x, y,
+                                          order_key, b, FLAGS.epochs)
+            return (cast_params(trained, jnp.float64), cast_params(state, jnp.float64),
+                    jax.random.fold_in(jax.random.fold_in(init_key, 2), b))
 
-        params, keys = jax.jit(jax.vmap(run))(jnp.arange(FLAGS.num_runs))
-        out = {k: np.asarray(v) for k, v in measure(params, keys).items()}
+        params, states, keys = jax.jit(jax.vmap(run))(jnp.arange(FLAGS.num_runs))
+        out = {k: np.asarray(v) for k, v in measure(params, states, keys).items()}
         if dense:
             # one eigvalsh per run (NumPy's stacked call was several times slower here)
             out["eigenvalues"] = np.stack([np.linalg.eigvalsh(h) for h in out.pop("hessian")])

@@ -187,9 +187,25 @@ def test_training_curves_trains_batchnorm_state(tmp_path):
     del proc
 
 
+def test_sharpness_trains_batchnorm_state(tmp_path):
+    out = tmp_path / "sharp"
+    run_app("sharpness", "--model=resnet", "--dataset=digits_images", "--model_arg=depth=8",
+            "--model_arg=width=1", "--n_points=8", "--batch_sizes=4,8", "--epochs=2",
+            "--num_runs=2", "--sharpness_samples=1", "--ascent_steps=1", f"--out_dir={out}")
+    rows = read_rows(out / "sharpness.csv")
+    assert [int(r["batch_size"]) for r in rows] == [4, 4, 8, 8]
+    for key in ("train_loss", "test_loss", "sharpness", "sensitivity", "lambda_max"):
+        assert all(np.isfinite(float(r[key])) for r in rows), key
+    protocol = json.loads((out / "config.json").read_text())["protocol"]
+    assert protocol["model"] == "resnet" and protocol["batchnorm"] == "eval"
+    with np.load(out / "sharpness.npz", allow_pickle=False) as z:
+        # dense (P = 399 <= --dense_max_params): λ_max is the top of the stored spectrum
+        np.testing.assert_array_equal(z["lambda_max"], z["eigenvalues"][:, -1])
+
+
 def test_apps_that_do_not_train_batchnorm_state_refuse_such_models(tmp_path):
     out = tmp_path / "never"
-    proc = run_app("sharpness", "--model=resnet", "--dataset=digits_images",
+    proc = run_app("interpolation", "--model=resnet", "--dataset=digits_images",
                    "--model_arg=depth=8", f"--out_dir={out}", check=False)
     assert proc.returncode != 0 and "does not train them yet" in proc.stderr
     assert not out.exists()
