@@ -31,8 +31,8 @@ PAIR_COLUMNS = [
     "band_converged", "band_perp_force", "band_climb_force", "band_steps", "num_images",
     "path_length", "saddle_label", "saddle_loss", "saddle_grad_norm", "saddle_index",
     "saddle_null", "saddle_lambda_min", "saddle_lambda_next", "eig_tol", "saddle_barrier",
-    "saddle_displacement", "saddle_status", "finder_iterations", "on_path", "connects",
-    "descent_path_dist"]
+    "saddle_displacement", "saddle_status", "on_path", "connects", "descent_path_dist",
+    "finder_iterations"]
 MINIMA_COLUMNS = ["width", "init_id", "loss", "grad_norm", "status", "verdict", "n_neg",
                   "n_null", "lambda_min", "lambda_max"]
 FIGURES = ["minimum_paths", "minimum_paths_plane", "barrier_vs_width"]

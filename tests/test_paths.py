@@ -66,8 +66,10 @@ def muller_brown():
                                                        climb_after=200, force_tol=1e-3,
                                                        chunk_size=chunk), static_argnums=2)
     bands = run(starts, ends, None)
-    certs = jax.jit(jax.vmap(lambda b: certify_band_top(f, b)))(bands)
-    return dict(minima=minima, starts=starts, ends=ends, bands=bands, certs=certs, run=run)
+    certify = jax.jit(jax.vmap(lambda b: certify_band_top(f, b)))
+    connect = jax.jit(jax.vmap(lambda s, im, c: descent_connection(f, s, im, c, num_steps=1000)))
+    return dict(minima=minima, starts=starts, ends=ends, bands=bands, certs=certify(bands),
+                run=run, certify=certify, connect=connect)
 
 
 def test_muller_brown_minima_are_the_known_ones(muller_brown):
@@ -95,16 +97,12 @@ def test_muller_brown_bands_find_both_published_saddles(muller_brown):
 
 def test_descent_from_each_saddle_ends_at_the_two_minima_of_its_band(muller_brown):
     bands, certs = muller_brown["bands"], muller_brown["certs"]
-    conn = jax.jit(jax.vmap(lambda s, im, c: descent_connection(paths.muller_brown, s, im, c,
-                                                                num_steps=1000)))(
-        certs.theta, bands.images, bands.climbing)
+    conn = muller_brown["connect"](certs.theta, bands.images, bands.climbing)
     np.testing.assert_array_equal(conn.connects, [True, True])
     np.testing.assert_array_equal(conn.on_path, [True, True])
     # a point that is not on the band is not a pass of it
     far = jnp.asarray(PUBLISHED_SADDLES[::-1])  # each band's top swapped with the other's
-    swapped = jax.jit(jax.vmap(lambda s, im, c: descent_connection(paths.muller_brown, s, im, c,
-                                                                   num_steps=1000)))(
-        far, bands.images, bands.climbing)
+    swapped = muller_brown["connect"](far, bands.images, bands.climbing)
     np.testing.assert_array_equal(swapped.connects, [False, False])
 
 
@@ -124,7 +122,7 @@ def test_vmap_over_paths_equals_a_loop_and_any_chunk(muller_brown):
     np.testing.assert_array_equal(chunked.converged, bands.converged)
     np.testing.assert_allclose(chunked.images, bands.images, atol=1e-5)
     np.testing.assert_allclose(chunked.energies, bands.energies, rtol=1e-5)
-    certs = jax.jit(jax.vmap(lambda b: certify_band_top(f, b)))(chunked)
+    certs = muller_brown["certify"](chunked)
     np.testing.assert_allclose(certs.theta, muller_brown["certs"].theta, atol=1e-10)
 
 
