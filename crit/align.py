@@ -132,8 +132,8 @@ def _dense_names(layer_dict) -> list[str]:
 
 
 def mlp_layers(params: Params) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """[(kernel (in, out), bias (out,) or None), ...] in order, from ``{"params": {"Dense_i": ...}}``
-    (a :class:`crit.models.mlp.MLP`'s parameters; the outer ``params`` key is optional)."""
+    """[(kernel (in, out), bias (out,) or None), ...] in order, from
+    ``{"params": {"Dense_i": ...}}`` (a :class:`crit.models.mlp.MLP`'s parameters; the outer ``params`` key is optional)."""
     tree = params.get("params", params)
     return [(np.asarray(tree[k]["kernel"]),
              None if "bias" not in tree[k] else np.asarray(tree[k]["bias"]))

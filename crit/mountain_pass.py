@@ -7,8 +7,8 @@ gradient. :func:`certify_top` turns the climbing image into a claim with evidenc
 
 1. **Refine.** For P ≤ ``dense_max_params``: a few steps of :func:`eigenvector_following`
    (uphill along the softest Hessian mode, downhill along the others, inside a trust radius of
-   a tenth of the image spacing), which brings a climbing image that is still far from the saddle on a
-   flat loss into Newton's basin, then the existing damped Newton finder on ∇L = 0
+   a tenth of the image spacing), which brings a climbing image that is still far from the
+   saddle on a flat loss into Newton's basin, then the existing damped Newton finder on ∇L = 0
    (:func:`crit.critical.newton_critical_point`). Above that P:
    :func:`crit.newton_mr.newton_mr_critical_point` with Hessian-vector products. Newton is
    attracted to critical points of any index; ``displacement`` reports how far the refined
@@ -16,7 +16,8 @@ gradient. :func:`certify_top` turns the climbing image into a claim with evidenc
 2. **Certify** :math:`\lVert\nabla L(\theta_s)\rVert \le` ``grad_tol``
    (:func:`crit.critical.certify`).
 3. **Count** negative eigenvalues of the exact Hessian at :math:`\theta_s` with the tolerance
-   :math:`\tau` (default :math:`P\epsilon_{64}\max|\lambda|`, :func:`crit.spectrum.default_tolerance`):
+   :math:`\tau` (default :math:`P\epsilon_{64}\max|\lambda|`,
+   :func:`crit.spectrum.default_tolerance`):
    negative :math:`\lambda < -\tau`, null :math:`|\lambda| \le \tau`. Dense ``eigvalsh`` of the
    symmetrized float64 Hessian for small P; for large P the ``lanczos_k`` smallest Ritz values of
    one Lanczos run with full reorthogonalization, where a Ritz value :math:`\theta` with true

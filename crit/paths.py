@@ -367,7 +367,8 @@ def line_energies(energy_fn: Callable[[Array], Array], start: Array, end: Array,
 
 # ----------------------------------------------------------------------------- test surfaces
 
-#: Müller & Brown (1979) potential: V = Σ_k A_k exp(a_k(x−x0_k)² + b_k(x−x0_k)(y−y0_k) + c_k(y−y0_k)²).
+#: Müller & Brown (1979) potential:
+#: V = Σ_k A_k exp(a_k(x−x0_k)² + b_k(x−x0_k)(y−y0_k) + c_k(y−y0_k)²).
 MULLER_BROWN = dict(A=(-200.0, -100.0, -170.0, 15.0), a=(-1.0, -1.0, -6.5, 0.7),
                     b=(0.0, 0.0, 11.0, 0.6), c=(-10.0, -10.0, -6.5, 0.7),
                     x0=(1.0, 0.0, -0.5, -1.0), y0=(0.0, 0.5, 1.5, 1.0))

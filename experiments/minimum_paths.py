@@ -20,7 +20,8 @@ again), refines the climbing image (eigenvector following, then Newton) and labe
 (crit.mountain_pass: index_1_saddle, higher_index, degenerate, drifted_to_minimum, not_converged,
 no_barrier), and follows steepest descent from both sides of the saddle (``--connect_steps``):
 column on_path says both sides end on the band, on either side of its top (the saddle is a pass
-of this path), connects that they end at the two minima themselves. All bands of a width run in one vmapped call. Barriers are max L − max(L_a, L_b).
+of this path), connects that they end at the two minima themselves. All bands of a width run
+in one vmapped call. Barriers are max L − max(L_a, L_b).
 
 ``--mode=toy`` runs the band between the lecture toy's minima (1, 1) and (−1, −1), which finds
 the saddle at the origin (loss 1, eigenvalues ±2); ``--mode=muller_brown`` runs bands A→C,
@@ -204,7 +205,8 @@ def paths_between(energy_fn, starts, ends) -> dict:
                          descent_path_dist=jnp.asarray(jnp.nan))
         return dict(**links,
             line_loss=line, line_barrier=paths.barrier_height(line),
-            path_images=band.images, path_loss=band.energies, path_arc=paths.arc_length(band.images),
+            path_images=band.images, path_loss=band.energies,
+            path_arc=paths.arc_length(band.images),
             path_barrier=paths.barrier_height(band.energies), climbing=band.climbing,
             band_converged=band.converged, band_perp_force=band.perp_force,
             band_climb_force=band.climb_force, band_steps=band.steps,
@@ -490,8 +492,10 @@ def figure_barriers(cols, out_dir, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.8, 4.2))
-    styles = {("line", "none"): ("tab:orange", "--", "s"), ("path", "none"): ("tab:blue", "-", "o"),
-              ("line", "weights"): ("tab:red", "--", "^"), ("path", "weights"): ("tab:green", "-", "D")}
+    styles = {("line", "none"): ("tab:orange", "--", "s"),
+              ("path", "none"): ("tab:blue", "-", "o"),
+              ("line", "weights"): ("tab:red", "--", "^"),
+              ("path", "weights"): ("tab:green", "-", "D")}
     widths = np.unique(cols["width"])
     for (kind, how), (c, ls, m) in styles.items():
         sel = cols["alignment"] == how
@@ -583,8 +587,8 @@ def main(argv):
     labels = ", ".join(f"{n} {int((cols['saddle_label'] == n).sum())}" for n in SADDLE_LABELS
                        if (cols["saddle_label"] == n).any())
     print(f"tops: {labels}; on the path (descent from both sides ends on the band): "
-          f"{int((cols['on_path'] == True).sum())}, joining the two minima themselves: "  # noqa: E712
-          f"{int((cols['connects'] == True).sum())} of {len(cols['pair'])}")  # noqa: E712
+          f"{int(cols['on_path'].astype(bool).sum())}, joining the two minima themselves: "
+          f"{int(cols['connects'].astype(bool).sum())} of {len(cols['pair'])}")
     print(f"wrote {out_dir}/pairs.csv, minima.csv, paths.npz, group files and figures")
 
 

@@ -16,7 +16,8 @@ import crit  # noqa: F401  (float64)
 from crit import align, paths, toy
 from crit.critical import newton_critical_point
 from crit.mountain_pass import (INDEX_1_SADDLE, NO_BARRIER, certify_band_top, certify_top,
-                                descent_connection, eigenvector_following, has_interior_maximum, label_names)
+                                descent_connection, eigenvector_following,
+                                has_interior_maximum, label_names)
 from crit.problems import flatten, mlp_problem
 
 PUBLISHED_SADDLES = np.array(paths.MULLER_BROWN_SADDLES)  # (−0.822, 0.624), (0.212, 0.293)
