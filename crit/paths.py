@@ -194,6 +194,15 @@ def fire(dt_max: float = 0.1, dt_start: Optional[float] = None, max_step: Option
     inertia crosses flat stretches quickly: Sheppard, Terrell & Henkelman (2008) found it among
     the best optimizers for elastic bands. ``max_step`` caps the displacement of each row
     (image) per step. All quantities are global over the band (one system).
+
+    Measured here: on Müller-Brown (A→C, C→B, 11 images) ``fire(0.01)`` converged the bands to
+    force 1e-3 in 280-640 steps, where the default Adam had not after 2000; on the tanh networks
+    of experiments.minimum_paths (P = 17, 33) it diverged (energies beyond 1e10) for every
+    ``dt_max`` in {0.02, 0.05, 0.1}, with or without ``max_step = 0.1``, so it is not the default.
+
+    References: E. Bitzek, P. Koskinen, F. Gähler, M. Moseler, P. Gumbsch (2006). Structural
+    relaxation made simple. Phys. Rev. Lett. 97, 170201. D. Sheppard, R. Terrell, G. Henkelman
+    (2008). Optimization methods for finding minimum energy paths. J. Chem. Phys. 128, 134106.
     """
     dt0 = dt_max / 10.0 if dt_start is None else dt_start
 

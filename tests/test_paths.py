@@ -54,6 +54,14 @@ def test_toy_lanczos_branch_gives_the_same_index(toy_band):
     np.testing.assert_allclose(cert.eigenvalues, [-2.0, 2.0], atol=1e-8)
 
 
+def test_band_between_pytrees_with_fire_climbs_to_the_origin():
+    band = jax.jit(lambda a, b: paths.nudged_elastic_band(
+        toy.toy_loss, a, b, num_images=7, num_steps=300, climb_after=20,
+        optimizer=paths.fire(0.05)))(jnp.array([1.0, 1.0]), jnp.array([-1.0, -1.0]))
+    assert bool(band.converged) and int(band.num_images) == 7
+    np.testing.assert_allclose(band.images[band.climbing], [0.0, 0.0], atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- Müller-Brown
 
 
