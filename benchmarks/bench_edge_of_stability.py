@@ -179,7 +179,8 @@ def torch_loop(problem, params, steps: int, configs: list[tuple[int, int]], thre
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="GD steps per configuration.")
-    parser.add_argument("--repeats", type=int, default=1, help="Timed repeats (best kept).")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Timed repeats of each crit variant (best kept).")
     parser.add_argument("--torch_configs", type=int, default=4,
                         help="PyTorch configurations timed (extrapolated to 32).")
     parser.add_argument("--torch_threads", type=int, default=2)

@@ -91,11 +91,11 @@ COLUMNS = ("learning_rate", "init_id", "optimizer", "sharpness_kind", "threshold
            "sharpness_init", "reached_step", "sharpness_after_mean", "sharpness_after_std",
            "sharpness_after_ratio", "max_sharpness", "lambda_max_final_track",
            "lambda_min_init", "max_abs_negative_lambda_min", "step_max_abs_negative_lambda_min",
-           "max_abs_negative_lambda_min_after_init", "hvps_per_track_mean", "hvps_first_track", "unconverged_tracks", "diverged_step",
+           "max_abs_negative_lambda_min_after_init", "hvps_per_track_mean", "hvps_first_track",
+           "unconverged_tracks", "diverged_step",
            "final_loss", "final_grad_norm", "end_status", "end_certified", "end_index",
            "end_negative_fraction", "end_negative_fraction_lo", "end_negative_fraction_hi",
-           "end_lambda_min", "end_lambda_max", "end_tolerance",
-           "end_index_method")
+           "end_lambda_min", "end_lambda_max", "end_tolerance", "end_index_method")
 
 
 def parse_learning_rates(text: str) -> list[float]:
@@ -125,7 +125,8 @@ def validate() -> None:
     except ValueError as exc:
         errors.append(str(exc))
     for name, low in (("num_inits", 1), ("train_steps", 1), ("track_every", 1),
-                      ("lanczos_steps", 2), ("cold_lanczos_steps", 2), ("lanczos_block", 1), ("slq_every", 0),
+                      ("lanczos_steps", 2), ("cold_lanczos_steps", 2), ("lanczos_block", 1),
+                      ("slq_every", 0),
                       ("slq_probes", 1), ("slq_steps", 2), ("dense_max_params", 0)):
         if getattr(FLAGS, name) < low:
             errors.append(f"--{name}={getattr(FLAGS, name)}: must be >= {low}")
@@ -307,6 +308,9 @@ def edge_figure(series, steps, rates, thresholds, kind, out_dir: Path, title: st
     axes[1].set_ylabel("λ_min(H)")
     axes[1].axhline(0.0, color="k", lw=0.6)
     axes[1].set_yscale("symlog", linthresh=1e-3)
+    lam_min = series["lambda_min"][np.isfinite(series["lambda_min"])]
+    if lam_min.size:  # no room for positive values no run has
+        axes[1].set_ylim(top=max(2e-3, 2.0 * lam_min.max()))
     axes[2].set_ylabel("training loss")
     axes[2].set_yscale("log")
     for ax in axes:
