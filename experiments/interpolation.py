@@ -15,7 +15,11 @@ initialization and is trained the same number of epochs with ``--large_batch``. 
 * small-batch → large-batch solution (θ_a = θ*_0, θ_b = θ*_large), α over ``--batch_alpha_range``,
 
 with train and test loss (and accuracy on classification data), plus a high-resolution view of
-every line on ``--zoom``. The trajectory view projects each run's snapshots on the line θ0 → θ*:
+every line on ``--zoom``. A model with BatchNorm trains its running statistics with the weights
+(``crit.train.train_model``), and a line moves both: (θ(α), s(α)) with s(α) = (1 − α) s_a + α s_b
+the running statistics at the same α (an init's are the initial mean 0 and variance 1), so the
+loss along it is L(θ(α); s(α)) under ``--batchnorm=eval``; with ``--batchnorm=batch`` every
+evaluation batch uses its own statistics and s plays no part. The trajectory view projects each run's snapshots on the line θ0 → θ*:
 x = (θ_t − θ0)·u, y = ‖θ_t − θ0 − x u‖, u = (θ* − θ0)/‖θ* − θ0‖.
 
 Writes to ``--out_dir``: config.json, lines.npz, lines.csv (one row per line: end points and the
@@ -35,9 +39,11 @@ from absl import app, flags
 
 from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import landscape, store
-from crit.train import cast_params, make_optimizer, minibatch_train, snapshot_steps
+from crit.train import (cast_params, log_steps, make_optimizer, minibatch_train, snapshot_steps,
+                        train_model)
 
 FLAGS = flags.FLAGS
+TRAINS_STATE = True  # trains BatchNorm statistics with the weights (experiments/model_flags)
 flags.DEFINE_integer("num_runs", 3, "Small-batch runs from different inits (>= 2: lines between "
                      "solutions need two); run i uses init fold_in(PRNGKey(seed), i).")
 flags.DEFINE_integer("seed", 0, "Root seed of the initializations and batch orders.")
@@ -130,12 +136,27 @@ def train_models(problem):
     to64 = lambda t: cast_params(t, jnp.float64)
 
     def run(i, batch_size, record_every):
+        """(init, trained) models, each a pair (params, state); with ``record_every`` the
+        trained one comes with its snapshots, (model, (params, state) stacked)."""
         init_key = jax.random.fold_in(root, i)
         theta0 = problem.init_fn(init_key)
         order_key = jax.random.fold_in(jax.random.fold_in(init_key, 1), batch_size)
-        out = minibatch_train(problem.batch_loss_fn, optimizer, cast_params(theta0, dtype), x, y,
-                              order_key, batch_size, FLAGS.epochs, record_every)
-        return theta0, jax.tree.map(to64, out)
+        start = cast_params(theta0, dtype)
+        if not problem.has_state:
+            out = minibatch_train(problem.batch_loss_fn, optimizer, start, x, y, order_key,
+                                  batch_size, FLAGS.epochs, record_every)
+            out = (to64(out), {}) if not record_every else ((to64(out[0]), {}),
+                                                             (to64(out[1]), {}))
+            return (theta0, {}), out
+        # BatchNorm: the running statistics train with the weights, in the same batches
+        state0 = problem.init_state_fn(init_key)
+        steps = FLAGS.epochs * (x.shape[0] // batch_size)
+        trained = train_model(problem, optimizer, start, state0, order_key, steps,
+                              log_every=record_every or steps, batch_size=batch_size,
+                              keep_snapshots=True)
+        model = (to64(trained[0]), to64(trained[1]))
+        snaps = jax.tree.map(to64, trained[3])
+        return (theta0, state0), (model, snaps) if record_every else model
 
     @jax.jit
     def all_models():
@@ -150,15 +171,18 @@ def train_models(problem):
 
 
 def metric_fn(problem):
-    """θ -> {train_loss, test_loss[, train_acc, test_acc]} on the full train and test sets."""
+    """(θ, state) -> {train_loss, test_loss[, train_acc, test_acc]} on the full train and test
+    sets (state: BatchNorm statistics, ``{}`` for a model without)."""
     d = problem.dataset
     xtr, ytr, xte, yte = (jnp.asarray(a) for a in (d.x_train, d.y_train, d.x_test, d.y_test))
 
-    def metrics(params):
-        out = {"train_loss": problem.batch_loss_fn(params, xtr, ytr),
-               "test_loss": problem.batch_loss_fn(params, xte, yte)}
+    def metrics(model):
+        params, state = model
+        out = {"train_loss": problem.batch_loss_fn(params, xtr, ytr, state),
+               "test_loss": problem.batch_loss_fn(params, xte, yte, state)}
         if d.task == "classification":
-            acc = lambda x_, y_: jnp.mean(jnp.argmax(problem.apply_fn(params, x_), -1) == y_)
+            acc = lambda x_, y_: jnp.mean(jnp.argmax(problem.apply_fn(params, x_, state), -1)
+                                          == y_)
             out["train_acc"] = acc(xtr, ytr)
             out["test_acc"] = acc(xte, yte)
         return out
@@ -210,12 +234,12 @@ def analyse(problem, theta0, theta_star, snaps, theta_large, alphas, zoom):
     width = alphas.shape[1]
     models = jax.tree.map(lambda s, l: jnp.concatenate([s, l[None]]), theta_star, theta_large)
     ends = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), theta_a, theta_b)
-    proj = jax.vmap(landscape.trajectory_projection)(snaps, theta0, theta_star)
+    proj = jax.vmap(landscape.trajectory_projection)(snaps[0], theta0[0], theta_star[0])
     return dict(lines=jax.tree.map(lambda v: v[:, :width], both),
                 zoom=jax.tree.map(lambda v: v[:, width:], both),
                 models=jax.vmap(metrics)(models), ends=jax.vmap(metrics)(ends),
                 proj_x=proj.x, proj_y=proj.y,
-                snap_loss=jax.vmap(jax.vmap(problem.loss_fn))(snaps))
+                snap_loss=jax.vmap(jax.vmap(problem.loss_fn))(*snaps))
 
 
 def barrier(alpha: np.ndarray, loss: np.ndarray, loss_a: float, loss_b: float) -> float:
@@ -341,7 +365,8 @@ def main(argv):
     res, zres, mres, ends = out["lines"], out["zoom"], out["models"], out["ends"]
     n_lines = len(labels)
     proj_x, proj_y, snap_loss = out["proj_x"], out["proj_y"], out["snap_loss"]
-    steps = snapshot_steps(small_steps, FLAGS.record_every)
+    steps = (np.asarray(log_steps(small_steps, FLAGS.record_every)) if problem.has_state
+             else snapshot_steps(small_steps, FLAGS.record_every))
     distance = proj_x[:, -1]
 
     store.atomic_save_npz(out_dir / "lines.npz", {

@@ -203,9 +203,29 @@ def test_sharpness_trains_batchnorm_state(tmp_path):
         np.testing.assert_array_equal(z["lambda_max"], z["eigenvalues"][:, -1])
 
 
+def test_interpolation_moves_batchnorm_state_along_the_lines(tmp_path):
+    out = tmp_path / "interp"
+    run_app("interpolation", "--model=resnet", "--dataset=digits_images", "--model_arg=depth=8",
+            "--model_arg=width=1", "--n_points=16", "--epochs=1", "--small_batch=4",
+            "--large_batch=8", "--num_runs=2", "--alpha_range=0,1", "--num_alphas=3",
+            "--zoom_points=2", "--record_every=3", f"--out_dir={out}")
+    with np.load(out / "lines.npz", allow_pickle=False) as d:
+        loss, kind = d["train_loss"], list(d["kind"])
+    with np.load(out / "projection.npz", allow_pickle=False) as p:
+        np.testing.assert_array_equal(p["step"], [0, 3, 4])  # 4 steps, logged every 3 + the end
+        snap_loss = p["train_loss"]
+    models = read_rows(out / "models.csv")
+    for j in range(2):  # init j -> solution j: α = 0 is (θ0, s0), α = 1 the trained (θ*, s*)
+        assert kind[j] == "init_to_solution"
+        np.testing.assert_allclose(loss[j, 0], snap_loss[j, 0], rtol=1e-12)
+        np.testing.assert_allclose(loss[j, -1], snap_loss[j, -1], rtol=1e-12)
+        np.testing.assert_allclose(loss[j, -1], float(models[j]["train_loss"]), rtol=1e-12)
+    assert json.loads((out / "config.json").read_text())["protocol"]["batchnorm"] == "eval"
+
+
 def test_apps_that_do_not_train_batchnorm_state_refuse_such_models(tmp_path):
     out = tmp_path / "never"
-    proc = run_app("interpolation", "--model=resnet", "--dataset=digits_images",
+    proc = run_app("edge_of_stability", "--model=resnet", "--dataset=digits_images",
                    "--model_arg=depth=8", f"--out_dir={out}", check=False)
     assert proc.returncode != 0 and "does not train them yet" in proc.stderr
     assert not out.exists()
