@@ -1,0 +1,202 @@
+"""One model over many devices (crit.data_parallel): the same loss, HVPs, Lanczos ends and SLQ
+fractions on 1, 2 and 4 forced host devices with N not divisible by the count; the apps on the
+data axis (2 forced devices, and 2 processes under jax.distributed); the automatic axis."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from crit.data_parallel import choose_shard_axis, data_layout
+from tests.app_runner import ENV, ROOT, read_rows, run_app
+from tests.test_parallel import free_port
+
+TWO_DEVICES = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+N = 27  # 27 rows in batches of 4: not divisible by 2 or 4, and a short last batch
+
+
+@pytest.mark.parametrize("n,devices,batch,whole", [(27, 4, 4, False), (27, 2, 0, False),
+                                                   (5, 4, 2, False), (27, 4, 4, True),
+                                                   (27, 2, 0, True), (8, 4, 2, True)])
+def test_layout_deals_every_row_once_with_weight_one_over_n(n, devices, batch, whole):
+    lay = data_layout(n, devices, batch, whole_batches=whole)
+    real = lay.weights > 0
+    counted = np.concatenate([lay.rows[real], lay.tail])
+    np.testing.assert_array_equal(np.sort(counted), np.arange(n))
+    np.testing.assert_allclose(lay.weights[real], 1.0 / n)
+    assert lay.rows.size == devices * lay.local_batches * lay.batch_rows
+    if whole:  # BatchNorm batch mode: the one-device problem's batches, whole and in order
+        b = batch if 0 < batch < n else n
+        batches = lay.rows.reshape(-1, b)[lay.weights.reshape(-1, b)[:, 0] > 0]
+        np.testing.assert_array_equal(batches.ravel(), np.arange(n // b * b))
+        assert lay.tail.size == n % b
+
+
+def test_the_automatic_axis_is_data_for_one_large_model_and_inits_for_many_small_ones():
+    assert choose_shard_axis("auto", 8, 1, 10**6, 50000)[0] == "data"        # spectrum app
+    assert choose_shard_axis("auto", 8, 4, 1000, 256)[0] == "data"          # fewer inits
+    assert choose_shard_axis("auto", 8, 100, 10**5, 10**4)[0] == "data"     # P·N = 1e9
+    assert choose_shard_axis("auto", 8, 1000, 321, 256)[0] == "inits"       # the homework
+    assert choose_shard_axis("auto", 1, 1, 10**6, 10**5)[0] == "inits"      # one device
+    assert choose_shard_axis("data", 8, 1000, 321, 256)[0] == "data"
+    with pytest.raises(ValueError, match="shard axis"):
+        choose_shard_axis("batch", 8, 1, 1, 1)
+
+
+def agreement() -> None:
+    """Run under 4 forced host devices: print, per problem and device count, the largest
+    relative difference from the unsharded problem of each analysed quantity."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from crit.data import digits_dataset
+    from crit.data_parallel import data_mesh, shard_data
+    from crit.hessian import hvp_operator
+    from crit.krylov import krylov_spectrum
+    from crit.problems import make_problem, mlp_problem
+    from crit.train import cast_params
+
+    class NormNet(nn.Module):  # BatchNorm in batch mode: each batch its own statistics
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Dense(4, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
+            x = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(x)
+            return nn.Dense(10, param_dtype=jnp.float64)(jnp.tanh(x))
+
+    problems = {
+        "mlp_l2": mlp_problem("sinc", widths=(6,), n_points=N, eval_batch_size=4, l2=1e-3),
+        "batchnorm_batch": make_problem(NormNet(), digits_dataset(n_points=N), "xent",
+                                        batchnorm="batch", eval_batch_size=4),
+    }
+    out = {}
+    for name, problem in problems.items():
+        params = cast_params(problem.init_fn(jax.random.PRNGKey(1)), jnp.float64)
+        state = (cast_params(problem.init_state_fn(jax.random.PRNGKey(1)), jnp.float64)
+                 if problem.has_state else None)
+        theta, unravel = ravel_pytree(params)
+        v = jax.random.normal(jax.random.PRNGKey(2), theta.shape)
+
+        def analyse(pr):
+            @jax.jit
+            def run(theta, v):
+                grad, matvec = hvp_operator(pr.bind_state(state), unravel(theta))
+                spec = krylov_spectrum(matvec, jax.random.PRNGKey(3), theta.size, num_steps=10,
+                                       num_probes=2, k=2, tol=1e-3)
+                return dict(loss=pr.loss_fn(unravel(theta), state), grad=grad, hvp=matvec(v),
+                            lanczos_min=spec.smallest, lanczos_max=spec.largest,
+                            min_ratio=spec.min_ratio, index=spec.index,
+                            null_fraction=spec.null_fraction)
+            return jax.tree.map(np.asarray, run(theta, v))
+
+        ref = analyse(problem)
+        for d in (1, 2, 4):
+            got = analyse(shard_data(problem, data_mesh(jax.devices()[:d])))
+            out[f"{name}/{d}"] = {k: float(np.max(np.abs(got[k] - ref[k]))
+                                             / max(np.max(np.abs(ref[k])), 1e-300))
+                                  for k in ref}
+    print(json.dumps(out))
+
+
+def test_one_two_and_four_devices_give_the_same_hvps_lanczos_ends_and_slq_fractions():
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS")  # the numbers of an ordinary compilation
+    proc = subprocess.run([sys.executable, "-c", "from tests.test_data_parallel import "
+                           "agreement; agreement()"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(errors) == [f"{n}/{d}" for n in ("batchnorm_batch", "mlp_l2") for d in (1, 2, 4)]
+    for case, errs in errors.items():
+        for quantity, err in errs.items():
+            assert err <= 1e-12, (case, quantity, err)
+
+
+def test_spectrum_on_two_devices_shards_the_data(tmp_path):
+    """One init on two devices: the automatic axis is data, and the loss and λ_max at
+    initialization are those of the unsharded problem computed here."""
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from crit.hessian import dense_hessian
+    from crit.problems import mlp_problem
+    from crit.protocol import init_key
+    from crit.train import cast_params
+
+    out = tmp_path / "spectrum"
+    proc = run_app("spectrum", "--widths=4", f"--n_points={N}", "--eval_batch_size=4",
+                   "--train_steps=10", "--lanczos_steps=12", "--slq_probes=2", "--num_eigs=2",
+                   "--snapshots=0,end", "--eig_tol=1e-2", "--compare_dense=false",
+                   f"--out_dir={out}", env=TWO_DEVICES)
+    assert ("shard axis: data (1 init(s) < 2 devices) over 2 device(s), 4 local batch(es) of "
+            "4 rows per device") in proc.stdout
+    row = read_rows(out / "spectrum.csv")[0]
+    problem = mlp_problem("digits", widths=(4,), n_points=N)
+    params = cast_params(problem.init_fn(init_key(0, 0)), jnp.float64)  # crit enables x64
+    loss = float(problem.loss_fn(params))
+    top = float(np.linalg.eigvalsh(np.asarray(dense_hessian(problem.loss_fn, params)))[-1])
+    assert float(row["loss"]) == pytest.approx(loss, rel=1e-12)
+    assert float(row["lambda_max"]) == pytest.approx(top, rel=1e-8)
+    assert ravel_pytree(params)[0].size == 4 * 64 + 4 + 4 * 10 + 10
+
+
+MIN_RATIO = ["--widths=3", "--n_points=15", "--eval_batch_size=4", "--train_steps=60",
+             "--log_every=20", "--finder_steps=4", "--progress=false", "--vmap_width=2",
+             "--num_inits=2", "--hessian=lanczos", "--lanczos_steps=8", "--slq_probes=2",
+             "--minres_iters=5", "--shard_axis=data"]
+
+
+@pytest.fixture(scope="module")
+def min_ratio_two_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp") / "two_devices"
+    proc = run_app("min_ratio", *MIN_RATIO, f"--out_dir={out}", env=TWO_DEVICES)
+    return out, proc.stdout
+
+
+def test_min_ratio_lanczos_on_two_devices_shards_the_data(min_ratio_two_devices):
+    out, text = min_ratio_two_devices
+    assert "shard axis: data (as requested) over 2 device(s)" in text
+    assert "2 inits in 1 chunks of 2 over 2 device(s) (data axis)" in text
+    rows = read_rows(out / "results.csv")
+    assert [r["init_id"] for r in rows] == ["0", "1"]
+    assert all(r["verdict"] and float(r["lambda_max"]) > 0 for r in rows)
+    assert json.loads((out / "config.json").read_text())["shard_axis"] == "data"
+
+
+def test_two_processes_on_the_data_axis_match_one_process_and_write_once(
+        min_ratio_two_devices, tmp_path):
+    """2 processes × 1 device each against 1 process × 2 devices: the same mesh size, so the
+    same sums; every process runs every init and only process 0 writes."""
+    one, _ = min_ratio_two_devices
+    out = tmp_path / "two_processes"
+    port = free_port()
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.min_ratio", *MIN_RATIO, f"--out_dir={out}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+         "--assemble_timeout=240", "--startup_timeout=120"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    texts = []
+    for p in procs:
+        o, e = p.communicate(timeout=300)
+        assert p.returncode == 0, o + e
+        texts.append(o)
+    for i, text in enumerate(texts):
+        assert f"process {i}/2: 2 inits in 1 chunks of 2 over 2 device(s) (data axis)" in text
+    assert "leaves the chunk files to process 0" in texts[1]
+    assert "leaves the chunk files" not in texts[0]
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["chunk_0000000_000002.npz"]
+    a, b = read_rows(one / "results.csv"), read_rows(out / "results.csv")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for col in x:
+            try:
+                assert float(y[col]) == pytest.approx(float(x[col]), rel=1e-12, abs=1e-300,
+                                                      nan_ok=True), col
+            except ValueError:
+                assert y[col] == x[col], col
+    assert os.path.exists(out / "min_ratio.png")
