@@ -74,6 +74,7 @@ class Problem(NamedTuple):
     train_loss_fn: Callable[..., tuple[Array, State]] | None = None
     batchnorm: str = "none"         # "none" (stateless), "eval" or "batch"
     eval_batch_size: int = 0        # rows per batch of the full-data loss (0: all at once)
+    l2: float = 0.0                 # the penalty (l2/2)·‖θ‖² inside loss_fn and batch_loss_fn
 
     @property
     def phi(self) -> float:
@@ -242,7 +243,8 @@ def make_problem(module: nn.Module, data: Dataset, loss: str = "mse", l2: float 
             raise
     n_params = count_params(jax.eval_shape(init_fn, jax.random.key(0)))
     return Problem(name or data.name, init_fn, apply_fn, loss_fn, batch_loss_fn, data,
-                   n_params, loss, init_state_fn, train_loss_fn, mode, int(eval_batch_size))
+                   n_params, loss, init_state_fn, train_loss_fn, mode, int(eval_batch_size),
+                   float(l2))
 
 
 def model_problem(model: str = "mlp", dataset: str | Dataset = "sinc", loss: str | None = None,

@@ -148,8 +148,10 @@ def problem_from_flags():
         if FLAGS.model != "mlp" or FLAGS.data_file:
             return model_flags.problem_from_model_flags()
     extra = {}
+    if "eval_batch_size" in FLAGS:  # apps that take any model: their MLP batches the loss too
+        extra["eval_batch_size"] = FLAGS.eval_batch_size
     if FLAGS.dataset == "gaussian":
-        extra = dict(dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out)
+        extra.update(dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out)
     return mlp_problem(dataset=FLAGS.dataset, widths=parse_widths(FLAGS.widths),
                        activation=FLAGS.activation, use_bias=FLAGS.use_bias,
                        loss=None if FLAGS.loss == "auto" else FLAGS.loss, l2=FLAGS.l2,

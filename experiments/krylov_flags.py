@@ -74,3 +74,65 @@ def krylov_options() -> dict:
     return dict(krylov_tol=FLAGS.krylov_tol, deflate=FLAGS.deflate,
                 hvp_budget=FLAGS.hvp_budget, target_rel_tol=FLAGS.target_rel_tol,
                 resolve_width=FLAGS.resolve_width)
+
+flags.DEFINE_enum("shard_axis", "auto", ["auto", "inits", "data"],
+                  "What is spread over the devices (and processes): 'inits' (many small models, "
+                  "each on one device, no communication), 'data' (one large model: the "
+                  "full-data loss, gradient and HVPs summed over data shards, crit.data_parallel) "
+                  "or 'auto' (data when there are fewer inits than devices or P·N >= 1e8, else "
+                  "inits; printed at start). The local batch of the data axis is "
+                  "--eval_batch_size.")
+
+
+def shard_axis(num_inits: int, problem) -> tuple[str, str]:
+    """(axis, reason): --shard_axis resolved for ``num_inits`` models of ``problem`` over every
+    device of every process. Under 'auto', --hvp_batch_size (a one-device batch sum) keeps
+    the inits axis."""
+    import jax
+
+    from crit.data_parallel import choose_shard_axis
+
+    if FLAGS.shard_axis == "auto" and getattr(FLAGS, "hvp_batch_size", 0):
+        return "inits", "--hvp_batch_size sums HVP batches on one device"
+    return choose_shard_axis(FLAGS.shard_axis, jax.device_count(), num_inits, problem.n_params,
+                             problem.dataset.n_train)
+
+
+def shard_axis_errors(axis: str) -> list[str]:
+    """Flags that do not combine with the resolved axis, each named."""
+    if axis == "data" and getattr(FLAGS, "hvp_batch_size", 0):
+        return [f"--hvp_batch_size={FLAGS.hvp_batch_size}: sums HVP batches on one device; "
+                "with --shard_axis=data the full-data HVP is already summed over data shards "
+                "in batches of --eval_batch_size (set that instead)"]
+    return []
+
+
+def shard_line(axis: str, reason: str, problem) -> str:
+    """The start-up line that says which axis is spread and why."""
+    import jax
+
+    line = f"shard axis: {axis} ({reason}) over {jax.device_count()} device(s)"
+    if axis == "data":
+        from crit.data_parallel import data_layout
+
+        lay = data_layout(problem.dataset.n_train, jax.device_count(), problem.eval_batch_size,
+                          whole_batches=problem.batchnorm == "batch")
+        line += (f", {lay.local_batches} local batch(es) of {lay.batch_rows} rows per device"
+                 + (f" + a shared last batch of {lay.tail.size}" if lay.tail.size else ""))
+    return line
+
+
+def data_parallel_memory_errors(problem, krylov_vectors: int) -> list[str]:
+    """The data axis's memory plan checked before compute (crit.data_parallel)."""
+    from crit.data_parallel import check_memory, device_memory_bytes
+    from crit.parallel import available_memory_bytes
+    from crit.protocol import forward_floats_per_example
+    import jax
+
+    need = device_memory_bytes(problem, jax.device_count(), krylov_vectors,
+                               forward_floats_per_example(problem))
+    try:
+        check_memory(need, available_memory_bytes())
+    except MemoryError as exc:
+        return [str(exc)]
+    return []

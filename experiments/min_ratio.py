@@ -161,8 +161,12 @@ def too_big_hint(hessian: str) -> str:
     return "lower --lanczos_steps or --slq_probes, or set --hvp_batch_size"
 
 
-def memory_plan(problem, mesh):
+def memory_plan(problem, mesh, axis: str = "inits"):
     """(ProtocolConfig with its vmap width, MemoryPlan) from the flags and this device's memory.
+
+    On the data axis every device takes part in every init (the chunk is not split over
+    devices) and every process runs every init, so the plan is that of one device and one
+    process.
 
     The width is chosen from the device's capacity (the same on every process: it is in the
     fingerprint); the chunk size from what is free here (it may differ between processes: it
@@ -183,15 +187,16 @@ def memory_plan(problem, mesh):
     width = plan_vmap_width(per_init, capacity, FLAGS.num_inits, FLAGS.vmap_width,
                             default_vmap_width(), hint)
     cfg = cfg._replace(vmap_width=width)
-    share = process_share(FLAGS.num_inits, width, jax.process_index(), jax.process_count())
+    me, count = (0, 1) if axis == "data" else (jax.process_index(), jax.process_count())
+    share = process_share(FLAGS.num_inits, width, me, count)
     plan = plan_memory(per_init, estimate_bytes_per_record(problem, cfg), max(len(share), 1),
-                       mesh.size, free, width, FLAGS.chunk_size,
+                       1 if axis == "data" else mesh.size, free, width, FLAGS.chunk_size,
                        max_chunk=128 if jax.default_backend() == "cpu" else 1024,
                        too_big_hint=hint)
     return cfg, plan
 
 
-def run_config(cfg: ProtocolConfig, problem) -> dict:
+def run_config(cfg: ProtocolConfig, problem, axis: str = "inits") -> dict:
     """config.json: the protocol fingerprint (everything that changes numbers) and the rest."""
     protocol = dict(cfg._asdict())
     protocol.update(problem=problem.name, dataset=FLAGS.dataset, n_points=FLAGS.n_points,
@@ -205,7 +210,7 @@ def run_config(cfg: ProtocolConfig, problem) -> dict:
             | {f.name: f.value for f in FLAGS.get_flags_for_module(krylov_flags)}
             | {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)},
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
-            "phi": problem.phi, "environment": common.environment()}
+            "phi": problem.phi, "shard_axis": axis, "environment": common.environment()}
 
 
 def assemble(out_dir: Path, records: dict, n_params: int, log_steps) -> None:
@@ -281,20 +286,36 @@ def summarize(records: dict) -> str:
     return "\n".join(lines)
 
 
-def compute(problem, cfg, plan, mesh, out_dir: Path, todo: np.ndarray) -> None:
-    """Run this process's share of ``todo`` in chunks of the plan, saving each when done."""
+def compute(problem, cfg, plan, mesh, out_dir: Path, todo: np.ndarray,
+            axis: str = "inits") -> None:
+    """Run this process's share of ``todo`` in chunks of the plan, saving each when done.
+
+    On the data axis (``problem`` from crit.data_parallel.shard_data) every process runs every
+    chunk, each device summing its share of the data, and only process 0 writes the chunks.
+    """
     import jax
     from crit.parallel import process_chunks
 
-    mine = process_chunks(todo, plan.chunk_size, jax.process_index(), jax.process_count(),
+    data = axis == "data"
+    me, count = (0, 1) if data else (jax.process_index(), jax.process_count())
+    mine = process_chunks(todo, plan.chunk_size, me, count,
                           unit=cfg.vmap_width, num_inits=FLAGS.num_inits)
     print(f"process {jax.process_index()}/{jax.process_count()}: {sum(map(len, mine))} inits "
-          f"in {len(mine)} chunks of {plan.chunk_size} over {mesh.size} device(s), groups of "
+          f"in {len(mine)} chunks of {plan.chunk_size} over {mesh.size} device(s) "
+          f"({'data' if data else 'inits'} axis), groups of "
           f"{cfg.vmap_width}; planned peak {plan.peak_bytes / 2**30:.3f} GiB of "
           f"{plan.budget_bytes / 2**30:.1f} GiB per device", flush=True)
     if not mine:
         return
-    chunk_fn = make_chunk_fn(problem, cfg, mesh)
+    if data and jax.process_index() != 0:
+        print(f"process {jax.process_index()} computes every chunk with the others and leaves "
+              "the chunk files to process 0", flush=True)
+    chunk_fn = make_chunk_fn(problem, cfg, None if data else mesh)
+    if data:  # ids in, records out: replicated on every device of every process
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        everywhere = NamedSharding(mesh, PartitionSpec())
+        chunk_fn = jax.jit(chunk_fn, in_shardings=everywhere, out_shardings=everywhere)
     progress = common.Progress(sum(map(len, mine))) if FLAGS.progress else None
     for ids in mine:
         try:
@@ -307,7 +328,8 @@ def compute(problem, cfg, plan, mesh, out_dir: Path, todo: np.ndarray) -> None:
                     f"per device): lower --vmap_width (now {cfg.vmap_width}) or --memory_gb"
                     ) from None
             raise
-        store.write_chunk(out_dir, records)
+        if not data or jax.process_index() == 0:
+            store.write_chunk(out_dir, records)
         if progress:
             progress.update(len(ids))
 
@@ -331,14 +353,24 @@ def main(argv):
         raise app.UsageError(f"--spectrum_dtype=float32 is implemented for the dense Hessian "
                              f"only; P = {problem.n_params} > --dense_max_params="
                              f"{FLAGS.dense_max_params} selects Lanczos")
-    mesh = local_mesh()
+    axis, why = krylov_flags.shard_axis(FLAGS.num_inits, problem)
+    axis_problems = krylov_flags.shard_axis_errors(axis)
+    if axis_problems:
+        raise app.UsageError("\n".join(axis_problems))
+    print(krylov_flags.shard_line(axis, why, problem), flush=True)
+    if axis == "data":
+        from crit.data_parallel import data_mesh, shard_data
+
+        problem, mesh = shard_data(problem), data_mesh()
+    else:
+        mesh = local_mesh()
     try:
-        cfg, plan = memory_plan(problem, mesh)
+        cfg, plan = memory_plan(problem, mesh, axis)
     except MemoryPlanError as exc:
         raise app.UsageError(str(exc)) from None
     out_dir = Path(FLAGS.out_dir)
     lead = jax.process_index() == 0
-    resuming = cluster.agree_on_out_dir(out_dir, run_config(cfg, problem))
+    resuming = cluster.agree_on_out_dir(out_dir, run_config(cfg, problem, axis))
     try:
         done = store.load_chunks(out_dir)
     except store.ResultsDirError as exc:
@@ -350,7 +382,7 @@ def main(argv):
           + (f"; BatchNorm {problem.batchnorm} mode" if problem.has_state else "")
           + (f"; eval batches of {problem.eval_batch_size}" if problem.eval_batch_size else "")
           + (f"; resuming, {len(todo)} inits left" if resuming and lead else ""), flush=True)
-    compute(problem, cfg, plan, mesh, out_dir, todo)
+    compute(problem, cfg, plan, mesh, out_dir, todo, axis)
     if not lead:
         return
     from crit.parallel import all_chunks_present, wait_for

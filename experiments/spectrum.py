@@ -577,6 +577,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     validate()
     problem = common.problem_from_flags()
+    axis, why = krylov_flags.shard_axis(1, problem)
+    problems = krylov_flags.shard_axis_errors(axis)
+    if axis == "data":
+        problems += krylov_flags.data_parallel_memory_errors(
+            problem, (FLAGS.slq_probes + 1) * FLAGS.lanczos_steps)
+    if problems:
+        raise app.UsageError("\n".join(problems))
+    print(krylov_flags.shard_line(axis, why, problem), flush=True)
+    if axis == "data":
+        from crit.data_parallel import shard_data
+
+        problem = shard_data(problem)
     dense = compare_dense(problem.n_params)
     snapshots = parse_snapshots(FLAGS.snapshots, FLAGS.train_steps)
     out_dir = Path(FLAGS.out_dir)
