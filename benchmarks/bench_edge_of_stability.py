@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench_edge_of_stability                    # ~3-5 min on 2 cores
+    python -m benchmarks.bench_edge_of_stability                    # ~3-4 min on 2 cores
     python -m benchmarks.bench_edge_of_stability --steps 200 --torch_configs 4   # quick
 
 Workload: MLP 1-16-16-1 tanh on sinc (256 points, P = 321, MSE, float64), full-batch gradient
@@ -20,6 +20,12 @@ steps to relative residual 1e-8 (``crit.tracking``). Compared, after compilation
    ``--torch_configs`` configurations and extrapolated linearly to 32 (the loop is serial).
    The torch runs start from crit's initial parameters, so their λ_max series can be checked
    against crit's over the first tracks (printed).
+
+The floor (what vmap can give at all on this machine): the bare workload of the same 32
+configurations, the GD steps and, every 10 steps, as many Hessian-vector products as crit's
+tracks spent on average (chained, no Lanczos, no convergence checks, no control flow), one
+vmapped program against one configuration at a time. If that ratio is near 1 the workload is
+bound by each configuration's own arithmetic and vmap has no per-call overhead to save.
 
 Targets (issue 16): ≥ 4× over one-at-a-time crit, ≥ 10× over the PyTorch loop on 2 CPU
 cores, ≤ 20 HVPs per track after warm-up (tracks after the first, non-diverged runs).
@@ -102,6 +108,54 @@ def run_crit(steps: int, repeats: int):
                                       compile_one=compile_one)
 
 
+def run_floor(steps: int, hvps_per_track: int, repeats: int) -> dict:
+    """(wall, CPU) of the bare workload (module docstring), vmapped and one at a time: GD
+    alone, and GD + ``hvps_per_track`` chained HVPs every ``TRACK_EVERY`` steps."""
+    import jax
+    import jax.numpy as jnp
+
+    _, loss, thetas, keys, _, _ = crit_setup(steps)
+    lrs = jnp.asarray(LEARNING_RATES)
+    value_and_grad, grad_fn = jax.value_and_grad(loss), jax.grad(loss)
+
+    def workload(theta, lr, key, n_hvps):
+        def gd_step(theta, _):
+            loss_value, g = value_and_grad(theta)
+            return theta - lr * g, loss_value
+
+        def block(carry, _):
+            theta, v = carry
+            theta, losses = jax.lax.scan(gd_step, theta, None, length=TRACK_EVERY)
+            if n_hvps:
+                _, hvp = jax.linearize(grad_fn, theta)
+
+                def power_step(v, _):
+                    w = hvp(v)
+                    return w / jnp.linalg.norm(w), None
+
+                v, _ = jax.lax.scan(power_step, v, None, length=n_hvps)
+            return (theta, v), losses
+
+        v0 = jax.random.normal(key, theta.shape, jnp.float64)
+        return jax.lax.scan(block, (theta, v0), None, length=steps // TRACK_EVERY)
+
+    times = {}
+    for name, n_hvps in (("gd", 0), ("gd+hvp", hvps_per_track)):
+        one = jax.jit(lambda th, lr, k, n=n_hvps: workload(th, lr, k, n))
+        sweep = jax.jit(jax.vmap(jax.vmap(one, in_axes=(0, None, 0)), in_axes=(None, 0, None)))
+        jax.block_until_ready(sweep(thetas, lrs, keys))
+        jax.block_until_ready(one(thetas[0], lrs[0], keys[0]))
+
+        def loop():
+            for lr in LEARNING_RATES:
+                for j in range(NUM_INITS):
+                    jax.block_until_ready(one(thetas[j], lr, keys[j]))
+
+        times[name] = (timed(lambda: jax.block_until_ready(sweep(thetas, lrs, keys)), repeats),
+                       timed(loop, repeats))
+    return times
+
+
 def hvp_stats(out) -> dict:
     hvps = np.asarray(out.hvps)[..., 1:]
     live = np.isfinite(np.asarray(out.lambda_max))[..., 1:]
@@ -109,7 +163,9 @@ def hvp_stats(out) -> dict:
     first = np.asarray(out.hvps)[..., 0]
     return dict(mean=hvps[live].mean(), median=np.median(hvps[live]), p90=np.percentile(
         hvps[live], 90), max=hvps[live].max(), first=first.mean(), converged=conv[live].mean(),
-        tracks=int(live.sum()), diverged=int((np.asarray(out.diverged_step) >= 0).sum()))
+        tracks=int(live.sum()), diverged=int((np.asarray(out.diverged_step) >= 0).sum()),
+        # under vmap every track runs until the batch's slowest member has converged
+        batch_max=np.nanmax(np.where(live, hvps, np.nan), axis=(0, 1)).mean())
 
 
 def torch_loop(problem, params, steps: int, configs: list[tuple[int, int]], threads: int):
@@ -185,6 +241,8 @@ def main():
                         help="PyTorch configurations timed (extrapolated to 32).")
     parser.add_argument("--torch_threads", type=int, default=2)
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--skip_floor", action="store_true",
+                        help="Skip the bare-workload floor (vmapped vs one at a time).")
     args = parser.parse_args()
 
     import jax
@@ -193,9 +251,8 @@ def main():
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"# bench_edge_of_stability, {now:%Y-%m-%d %H:%M} UTC")
     print(f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-          f"{platform.platform()}, load average {os.getloadavg()[0]:.1f} (shared machine: other "
-          f"jobs were running, timings are noisy), jax {jax.__version__} on "
-          f"{jax.default_backend()}")
+          f"{platform.platform()}, load average {os.getloadavg()[0]:.1f} at the start, jax "
+          f"{jax.__version__} on {jax.default_backend()}")
     print(f"workload: MLP 1-16-16-1 tanh on sinc (n = 256, P = 321, float64), full-batch GD, "
           f"{len(LEARNING_RATES)} learning rates {list(LEARNING_RATES)} × {NUM_INITS} inits = "
           f"{n_cfg} configurations, {args.steps} steps, λ_max and λ_min tracked every "
@@ -212,7 +269,7 @@ def main():
     print(f"| crit, one vmapped program ({n_cfg} configs) | {sw:.2f} | {sc:.2f} | "
           f"{sc / n_cfg:.3f} | 1 |")
     print(f"| crit, one configuration at a time | {lw:.2f} | {lc:.2f} | {lc / n_cfg:.3f} | "
-          f"**{lw / sw:.1f}× / {lc / sc:.1f}×** |")
+          f"**{lw / sw:.2f}× / {lc / sc:.2f}×** |")
     torch_line = "| PyTorch loop + ARPACK eigsh | skipped: torch not installed | | | |"
     agreement = None
     if args.skip_torch:
@@ -241,6 +298,22 @@ def main():
                 diffs.append(np.max(np.abs(s[:k, 0] - lam[i, j, :k]) / np.abs(lam[i, j, :k])))
             agreement = (max(diffs), float(np.mean(torch_hvps)))
     print(torch_line)
+    floor_hvps = int(round(stats["mean"]))
+    floor = None if args.skip_floor else run_floor(args.steps, floor_hvps, args.repeats)
+    if floor is not None:
+        print()
+        print(f"Floor: the bare workload, no Lanczos ({n_cfg} configurations, {args.steps} GD "
+              "steps; with HVPs: "
+              f"{floor_hvps} chained HVPs every {TRACK_EVERY} steps, crit's mean per track)")
+        print()
+        print("| bare workload | vmapped wall (s) | vmapped CPU (s) | one at a time wall (s) | "
+              "one at a time CPU (s) | vmapped faster by (wall / CPU) |")
+        print("|---|---|---|---|---|---|")
+        for name, label in (("gd", "GD steps only"), ("gd+hvp", f"GD + {floor_hvps} HVPs per "
+                                                                "track")):
+            (vw, vc), (ow, oc) = floor[name]
+            print(f"| {label} | {vw:.2f} | {vc:.2f} | {ow:.2f} | {oc:.2f} | "
+                  f"**{ow / vw:.2f}× / {oc / vc:.2f}×** |")
     print()
     print(f"compile: vmapped program {t['compile_sweep']:.1f} s, single configuration "
           f"{t['compile_one']:.1f} s (not in the times above)")
@@ -249,6 +322,9 @@ def main():
           f"{stats['median']:.0f}, 90th percentile {stats['p90']:.0f}, max {stats['max']}; first "
           f"(cold) track {stats['first']:.1f}; both ends converged to {TOL:g} in "
           f"{100 * stats['converged']:.1f}% of tracks; {stats['diverged']} runs diverged")
+    print(f"under vmap each track runs until the slowest of the {n_cfg} configurations has "
+          f"converged: {stats['batch_max']:.1f} Lanczos steps per track on average (the batch's "
+          f"max), {stats['batch_max'] / stats['mean']:.2f}× the mean")
     if agreement is not None:
         print(f"torch vs crit λ_max over the first 6 tracks: max relative difference "
               f"{agreement[0]:.1e}; ARPACK HVPs per track (both ends, cold) {agreement[1]:.1f}")
@@ -256,6 +332,7 @@ def main():
           "≥ 10× over "
           "the PyTorch loop (see table), ≤ 20 HVPs per track after warm-up "
           f"({stats['mean']:.1f} mean)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crit.lanczos import lanczos_advance, lanczos_start, tridiag_eigh
+from crit.lanczos import LanczosState, lanczos_advance, lanczos_start, tridiag_eigh
 from crit.slq import slq, slq_fractions
 
 Array = jax.Array
@@ -110,8 +110,8 @@ class TrackingConfig(NamedTuple):
     eps: float = 1e-8
     lanczos_steps: int = 48
     """Most HVPs of one warm-started track (the Lanczos basis holds this many vectors). Keep
-    it at most 64: XLA:CPU's ``eigh`` of the tridiagonal (the final Ritz vectors, and the
-    checks past 48 steps) is ~40x slower above 64 (measured 2026-12-02). With 32 about 2% of
+    it at most 64: XLA:CPU's ``eigh`` of the tridiagonal (the convergence checks past 48
+    steps) is ~40x slower above 64 (measured 2026-12-02). With 32 about 2% of
     the tracks of the default sweep ended unconverged (the fast first steps); with 48 none."""
     cold_lanczos_steps: int = 64
     """Most HVPs of a cold track (the first one; every one without ``warm_start``; the first
@@ -248,6 +248,18 @@ def check_sizes(max_steps: int, block: int) -> tuple[int, ...]:
     return tuple(s for s in up if s < max_steps) + (max_steps,)
 
 
+def resize_state(state: LanczosState, size: int) -> LanczosState:
+    """``state`` with room for ``size`` steps (``size`` at least the steps taken): the basis
+    and coefficient arrays cut or padded with zeros, which is what their unused rows hold."""
+    def fit(a):
+        if a.shape[0] >= size:
+            return a[:size]
+        return jnp.concatenate([a, jnp.zeros((size - a.shape[0],) + a.shape[1:], a.dtype)])
+
+    return state._replace(basis=fit(state.basis), alphas=fit(state.alphas),
+                          betas=fit(state.betas), valid=fit(state.valid))
+
+
 def extremal_track(matvec: Callable[[Array], Array], v0: Array, max_steps: int, block: int,
                    tol: float, *, both_ends: bool = True, skip=False) -> ExtremalTrack:
     r"""Lanczos from ``v0``, ``block`` steps at a time, until the top (and, with
@@ -257,53 +269,66 @@ def extremal_track(matvec: Callable[[Array], Array], v0: Array, max_steps: int, 
 
     The loop runs in phases (:func:`check_sizes`): while at most 16 steps are taken, the check
     diagonalizes the leading 16 × 16 block of the padded tridiagonal (the steps past the
-    current one are invalid and masked), then 32, and so on. Under ``vmap`` a batch whose
-    members all converge early never pays for a large ``eigh``; only the final Ritz vectors
-    use the whole basis.
+    current one are invalid and masked), then 32, and so on; the Lanczos state (basis and
+    coefficients) is enlarged phase by phase too, so reorthogonalization projects on 16 rows,
+    then 32, not on ``max_steps``. Under ``vmap`` a batch whose members all converge early
+    never pays for a large ``eigh`` or a large basis. The returned pairs are those of the last
+    check (each member's own, frozen when it stopped); only the two Ritz vectors
+    :math:`y = Q s` touch the basis. Every member takes the same steps and checks as it would
+    alone, so the results under ``vmap`` equal those of one configuration at a time.
     """
     if max_steps % block:
         raise ValueError(f"max_steps={max_steps} must be a multiple of block={block}")
 
     def ritz(state, size):
+        """The extremal Ritz pairs of the leading ``size`` block (steps past the current one
+        masked), padded to ``max_steps``: (θ_top, θ_bottom, ρ_top, ρ_bottom, converged top,
+        converged bottom, s_top, s_bottom)."""
         values, vectors = tridiag_eigh(state.alphas[:size], state.betas[:size],
                                        state.valid[:size])
         k = jnp.sum(state.valid[:size])
-        last = jnp.maximum(k - 1, 0)
-        estimates = jnp.abs(state.betas[last] * vectors[last])
-        top, bottom = last, 0
+        top, bottom = jnp.maximum(k - 1, 0), 0
+        estimates = jnp.abs(state.betas[top] * vectors[top])
         scale = jnp.maximum(jnp.abs(values[top]), jnp.abs(values[bottom]))
         ok = (k > 0) & jnp.isfinite(scale)
-        conv_top = ok & (estimates[top] <= tol * scale)
-        conv_bottom = ok & (estimates[bottom] <= tol * scale)
-        return values, vectors, estimates, top, bottom, conv_top, conv_bottom
+        pad = lambda s: jnp.zeros(max_steps, s.dtype).at[:size].set(s)  # noqa: E731
+        return (values[top], values[bottom], estimates[top], estimates[bottom],
+                ok & (estimates[top] <= tol * scale), ok & (estimates[bottom] <= tol * scale),
+                pad(vectors[:, top]), pad(vectors[:, bottom]))
 
     def phase(carry, size):
         def cond(carry):
-            state, finished = carry
+            state, finished, _ = carry
             return (state.steps < size) & ~finished
 
         def body(carry):
             state = lanczos_advance(matvec, carry[0], block)
-            _, _, _, _, _, conv_top, conv_bottom = ritz(state, size)
-            return state, conv_top & (conv_bottom if both_ends else True)
+            pairs = ritz(state, size)
+            return state, pairs[4] & (pairs[5] if both_ends else True), pairs
 
-        return jax.lax.while_loop(cond, body, carry)
+        # the state holds room for this phase's steps only: reorthogonalization then works on
+        # `size` rows, not max_steps (the rows past the current step are zero either way)
+        state, finished, pairs = carry
+        return jax.lax.while_loop(cond, body, (resize_state(state, size), finished, pairs))
 
-    carry = (lanczos_start(v0, max_steps), jnp.asarray(skip))
-    for size in check_sizes(max_steps, block):
+    # The Ritz pairs of the last check are the result: no final eigh of the whole basis (under
+    # vmap that one would cost a max_steps-sized eigh per member on every track).
+    nan, zero = jnp.asarray(jnp.nan), jnp.zeros(max_steps)
+    no_pairs = (nan, nan, nan, nan, jnp.asarray(False), jnp.asarray(False), zero, zero)
+    sizes = check_sizes(max_steps, block)
+    carry = (lanczos_start(v0, sizes[0]), jnp.asarray(skip), no_pairs)
+    for size in sizes:
         carry = phase(carry, size)
-    state = carry[0]
-    values, vectors, estimates, top, bottom, conv_top, conv_bottom = ritz(state, max_steps)
+    state, _, (top, bottom, rho_top, rho_bottom, conv_top, conv_bottom, s_top, s_bottom) = carry
 
-    def ritz_vector(i):
-        y = state.basis.T @ vectors[:, i]
+    def ritz_vector(s):
+        y = state.basis.T @ s
         return y / jnp.linalg.norm(y)
 
-    nan = jnp.asarray(jnp.nan)
     pick = lambda x: jnp.where(skip, nan, x)  # noqa: E731
-    return ExtremalTrack(pick(values[top]), pick(values[bottom]), pick(estimates[top]),
-                         pick(estimates[bottom]), conv_top & ~skip, conv_bottom & ~skip,
-                         ritz_vector(top), ritz_vector(bottom), state.steps)
+    return ExtremalTrack(pick(top), pick(bottom), pick(rho_top), pick(rho_bottom),
+                         conv_top & ~skip, conv_bottom & ~skip, ritz_vector(s_top),
+                         ritz_vector(s_bottom), state.steps)
 
 
 def warm_start_vector(previous: tuple[Array, ...], key: Array, mix: float, cold) -> Array:

@@ -15,7 +15,9 @@ import crit  # noqa: F401  (float64)
 from crit.hessian import dense_hessian
 from crit.problems import mlp_problem
 from crit.spectrum import classify_spectrum
-from crit.tracking import (TrackingConfig, adam_preconditioner, stability_threshold,
+from crit.lanczos import lanczos_tridiag, tridiag_eigh
+from crit.tracking import (TrackingConfig, adam_preconditioner, extremal_track,
+                           stability_threshold,
                            track_steps, track_sweep, track_training, tracking_optimizer)
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,6 +66,31 @@ def test_quadratic_stable_iff_below_threshold_and_ends_exact(optimizer):
     first_bad = int(out.diverged_step[unstable, 0]) // config.track_every + 1
     hvps = np.asarray(out.hvps[unstable, 0])
     assert (hvps[first_bad:] == 0).all() and (hvps[:first_bad - 1] > 0).all()
+
+
+def test_extremal_track_equals_one_plain_lanczos_run_of_its_length():
+    """The phased run (state enlarged 16 -> 32 rows, checks on leading blocks, the last
+    check's Ritz pairs returned) is the plain Lanczos run of the same number of steps."""
+    planted = np.concatenate([[-1.0], np.linspace(0.0, 1.0, 58), [1.3]])
+    q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((60, 60)))
+    a = jnp.asarray((q * planted) @ q.T)
+    matvec = lambda v: a @ v  # noqa: E731
+    v0 = jnp.asarray(np.random.default_rng(4).standard_normal(60))
+    track = jax.jit(lambda v: extremal_track(matvec, v, 32, 4, 1e-10))(v0)
+    steps = int(track.hvps)
+    assert 16 < steps <= 32  # went on past the first phase
+    res = lanczos_tridiag(matvec, v0, steps)
+    values, vectors = tridiag_eigh(res.alphas, res.betas, res.valid)
+    np.testing.assert_allclose([track.lambda_max, track.lambda_min], [values[-1], values[0]],
+                               rtol=1e-13)
+    estimates = np.abs(float(res.betas[-1]) * np.asarray(vectors[-1]))
+    np.testing.assert_allclose([track.residual_max, track.residual_min],
+                               [estimates[-1], estimates[0]], rtol=1e-6, atol=1e-15)
+    for y, s in ((track.vector_max, vectors[:, -1]), (track.vector_min, vectors[:, 0])):
+        plain = res.basis.T @ s
+        assert abs(float(jnp.dot(y, plain / jnp.linalg.norm(plain)))) == pytest.approx(1, abs=1e-12)
+    assert bool(track.converged_max) and bool(track.converged_min)
+    np.testing.assert_allclose([track.lambda_max, track.lambda_min], [1.3, -1.0], atol=1e-9)
 
 
 def test_stability_thresholds():
