@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench_edge_of_stability                    # ~3-4 min on 2 cores
+    python -m benchmarks.bench_edge_of_stability                    # ~1.5 min on 2 idle cores
     python -m benchmarks.bench_edge_of_stability --steps 200 --torch_configs 4   # quick
 
 Workload: MLP 1-16-16-1 tanh on sinc (256 points, P = 321, MSE, float64), full-batch gradient
