@@ -459,6 +459,19 @@ def snapshot_line(step: int, row: dict, seconds: float) -> str:
     return line
 
 
+def extremal_ritz_values(row, rel_residual: float = 1e-6) -> np.ndarray:
+    """Ritz values of the extremal run whose residual bound is ≤ rel_residual·max|Ritz value|.
+
+    Each such value lies within its residual of a true eigenvalue (Parlett 1998, §11.5),
+    so the rug drawn from them shows the isolated outliers that the SLQ density smooths away.
+    """
+    values = np.concatenate([np.asarray(row["spec_largest"]), np.asarray(row["spec_smallest"])])
+    residuals = np.concatenate([np.asarray(row["spec_largest_residuals"]),
+                                np.asarray(row["spec_smallest_residuals"])])
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    return np.unique(values[residuals <= rel_residual * scale])
+
+
 def density_figure(out_dir, rows, n_params, title) -> None:
     """Per snapshot: the SLQ density (linear λ, log-scaled axis) and the log10|λ| density."""
     import matplotlib.pyplot as plt
@@ -477,7 +490,12 @@ def density_figure(out_dir, rows, n_params, title) -> None:
             ax_lin.hist(eigs, bins=120, density=True, color="tab:gray", alpha=0.5,
                         label=f"exact eigenvalues (P = {n_params})", log=True)
         ax_lin.axvline(0.0, color="k", lw=0.5)
-        ax_lin.set_ylim(bottom=max(1e-8, float(np.max(dens)) * 1e-9))
+        ritz = extremal_ritz_values(row)
+        bottom = max(1e-8, float(np.max(dens)) * 1e-9)
+        ax_lin.set_ylim(bottom=bottom)
+        if ritz.size:  # the outliers SLQ deflates: a rug of converged Ritz values at each end
+            ax_lin.plot(ritz, np.full(ritz.size, bottom * 10), "|", color="tab:orange", ms=12,
+                        mew=1.2, label=f"Lanczos Ritz values ({ritz.size}, converged)")
         ax_lin.set_xlabel("λ")
         ax_lin.set_ylabel("density")
         ax_lin.legend(fontsize=7, loc="upper right")
@@ -499,6 +517,11 @@ def density_figure(out_dir, rows, n_params, title) -> None:
                                 / ((log_grid[-1] - log_grid[0]) / 60), color=color,
                                 alpha=0.25,
                                 label=f"exact, {'positive' if sign > 0 else 'negative'}")
+        for sign, color in ((1, "tab:red"), (-1, "tab:green")):
+            top = sign * ritz[sign * ritz > tau]
+            if top.size:
+                ax_log.plot(np.log10(top), np.zeros(top.size), "|", color=color, ms=12, mew=1.2,
+                            label=f"Ritz, {'λ > τ' if sign > 0 else 'λ < −τ'} ({top.size})")
         ax_log.set_xlabel("log10 |λ|   (left edge: τ)")
         ax_log.set_ylabel("fraction per decade")
         ax_log.legend(fontsize=7, loc="upper left")
