@@ -21,6 +21,11 @@ Two layouts, each as its own subprocess:
 * **processes**: one process per core (``taskset``, single-threaded Eigen, one CPU device
   each), the layout BUILD.md recommends on a multi-core CPU: 1 process on core 0, then 2
   processes on cores 0 and 1 coordinated by ``jax.distributed`` on localhost.
+* **ceiling**: what the machine allows a 2-way split at all: two independent processes (no
+  ``jax.distributed``, no collectives), one per core, each the HVP of its own N/2 rows; their
+  slower one against the 1-process time above. The gap between this row and the processes
+  row is crit's (and the collectives') overhead; the gap between this row and 2× is the
+  machine's (two cores sharing caches and memory bandwidth).
 
 Speed-up = T(1) / T(2); parallel efficiency = speed-up / 2. Target (issue 14): ≥ 1.7× on 2
 cores with one process per core. The 1-device and 2-device HVPs are checked to agree (1e-12).
@@ -179,7 +184,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--modes", default="devices,processes")
+    parser.add_argument("--modes", default="devices,processes,ceiling")
     parser.add_argument("--worker", choices=["devices", "processes"], default=None)
     parser.add_argument("--coordinator", default=None)
     parser.add_argument("--num_processes", type=int, default=1)
@@ -222,6 +227,24 @@ def main() -> None:
                      b1, m1, b2, m2, f"compile {one['compile_s']:.1f} s / "
                      f"{two['compile_s']:.1f} s; ‖H v‖ agrees to {agree:.1e}"))
         print(f"processes done, load {os.getloadavg()}", flush=True)
+    if "ceiling" in modes:
+        # no crit, no collectives: two independent processes, one per core, each the HVP of
+        # its own N/2 rows at once; the best a 2-process data split could do on this machine
+        single = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+        half = argparse.Namespace(**{**vars(args), "n": args.n // 2})
+        one = result_of(launch(half, ["--worker", "processes"], single, cores=[0]))
+        pair = [launch(half, ["--worker", "processes"], single, cores=[i]) for i in range(2)]
+        both = [result_of(p) for p in pair]
+        ref = rows[-1] if rows and rows[-1][0].startswith("one process per core") else None
+        b1 = ref[2] if ref else float("nan")
+        m1 = ref[3] if ref else float("nan")
+        b2 = max(min(r["times"]) for r in both)
+        m2 = max(float(sorted(r["times"])[len(r["times"]) // 2]) for r in both)
+        rows.append(("ceiling: 2 independent processes, one per core, N/2 rows each (no "
+                     "communication)", one["P"], b1, m1, b2, m2,
+                     f"N/2 rows alone on one core: {min(one['times']) * 1e3:.0f} ms, so two "
+                     f"processes at once run {b2 / min(one['times']):.2f}× slower than one"))
+        print(f"ceiling done, load {os.getloadavg()}", flush=True)
     print("| layout | P | 1 device: best / median | 2 devices: best / median | speed-up "
           "(best, median) | efficiency (best) | notes |")
     print("|---|---|---|---|---|---|---|")

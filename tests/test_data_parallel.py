@@ -104,7 +104,6 @@ def agreement() -> None:
 
 def test_one_two_and_four_devices_give_the_same_hvps_lanczos_ends_and_slq_fractions():
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS")  # the numbers of an ordinary compilation
     proc = subprocess.run([sys.executable, "-c", "from tests.test_data_parallel import "
                            "agreement; agreement()"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
