@@ -199,3 +199,19 @@ def test_two_processes_on_the_data_axis_match_one_process_and_write_once(
             except ValueError:
                 assert y[col] == x[col], col
     assert os.path.exists(out / "min_ratio.png")
+
+
+def test_the_memory_plan_follows_the_local_batch_and_names_the_flags_that_help():
+    from crit.data_parallel import check_memory, device_memory_bytes
+    from crit.problems import mlp_problem
+
+    small = mlp_problem("sinc", widths=(8,), n_points=1000, eval_batch_size=10)
+    large = mlp_problem("sinc", widths=(8,), n_points=1000, eval_batch_size=500)
+    per_example = 100
+    a, b = (device_memory_bytes(p, 2, 30, per_example) for p in (small, large))
+    assert b - a == 4 * per_example * (500 - 10) * 8          # activations of one local batch
+    assert device_memory_bytes(small, 4, 30, per_example) < a   # a smaller data share
+    assert device_memory_bytes(small, 2, 60, per_example) - a == 30 * small.n_params * 8
+    check_memory(a, a)
+    with pytest.raises(MemoryError, match="--eval_batch_size.*--lanczos_steps.*--slq_probes"):
+        check_memory(a + 1, a)
