@@ -5,11 +5,18 @@ rates at once (the edge of stability, Cohen et al. 2021; 2022 for Adam).
     python -m experiments.edge_of_stability --learning_rates=0.05,0.1 --num_inits=2 \\
         --train_steps=500 --track_every=5 --slq_every=10
     python -m experiments.edge_of_stability --optimizer=adam --learning_rates=1e-3,3e-3,1e-2
+    python -m experiments.edge_of_stability --sweep=vmap             # one vmapped program
 
 Protocol. Init i is ``init_fn(fold_in(PRNGKey(seed), i))``, the same for every learning rate.
 Every (learning rate, init) pair is trained ``--train_steps`` full-batch steps of
-``--optimizer`` (sgd = gradient descent, momentum = heavy ball, adam), all pairs in one
-vmapped program (``crit.tracking.track_sweep``). Every ``--track_every`` steps: the loss,
+``--optimizer`` (sgd = gradient descent, momentum = heavy ball, adam), by
+``crit.tracking.make_sweep``: with ``--sweep=vmap`` all pairs in one vmapped program
+(``track_sweep``), with ``--sweep=loop`` one compiled ``track_training`` called per pair;
+``--sweep=auto`` (default) is ``loop`` on a CPU backend (faster there: one configuration already
+keeps XLA:CPU busy) and ``vmap`` on GPU/TPU. Both run the same algorithm, but their rounding
+differs in the last bits from the first step, which training at the edge of stability amplifies
+(``make_sweep``), so the mode used is part of the resume fingerprint (config.json
+``protocol.sweep``; ``flags.sweep`` is the flag as given). Every ``--track_every`` steps: the loss,
 ‖∇L‖, λ_max and λ_min of the full-data Hessian by warm-started Lanczos on HVPs (until both
 relative residuals are ≤ ``--lanczos_tol``), and for Adam the preconditioned sharpness
 λ_max(P⁻¹H); every ``--slq_every`` tracks the SLQ index with its interval. A run whose loss
@@ -44,13 +51,17 @@ from experiments import common, model_flags  # noqa: F401  (--model, --data_file
 from crit import store
 from crit.critical import STATUSES, certify
 from crit.spectrum import classify_spectrum
-from crit.tracking import TrackingConfig, stability_threshold, track_steps, track_sweep
+from crit.tracking import TrackingConfig, make_sweep, stability_threshold, track_steps
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("learning_rates", "0.05,0.1,0.2,0.3", "Comma-separated learning rates η, "
-                    "all trained at once.")
-flags.DEFINE_integer("num_inits", 4, "Initializations per learning rate (vmapped); init i uses "
+flags.DEFINE_string("learning_rates", "0.05,0.1,0.2,0.3", "Comma-separated learning rates η "
+                    "of the sweep.")
+flags.DEFINE_integer("num_inits", 4, "Initializations per learning rate; init i uses "
                      "fold_in(PRNGKey(seed), i) for every learning rate.")
+flags.DEFINE_enum("sweep", "auto", ["auto", "vmap", "loop"], "How the learning rates × inits "
+                  "run: vmap = one vmapped program; loop = one compiled track_training called "
+                  "per configuration (faster on CPU); auto = loop on a CPU backend, vmap on "
+                  "GPU/TPU.")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_integer("track_every", 10, "Steps between curvature tracks (λ_max, λ_min).")
 flags.DEFINE_integer("lanczos_steps", 48, "Most HVPs of one warm-started track (Lanczos basis "
@@ -86,7 +97,9 @@ OPTIMIZER_NAMES = {"sgd": "gd", "momentum": "momentum", "adam": "adam"}
 # Shared flags (experiments/common.py) this app has no use for: refused when given.
 UNUSED_SHARED = ("learning_rate", "log_every", "train_dtype", "finder", "finder_steps",
                  "finder_lr")
-NOT_PROTOCOL = ("out_dir", "overwrite") + UNUSED_SHARED
+# --sweep is replaced in the protocol by the mode it resolves to (sweep_mode): auto and loop on
+# a CPU are the same computation
+NOT_PROTOCOL = ("out_dir", "overwrite", "sweep") + UNUSED_SHARED
 COLUMNS = ("learning_rate", "init_id", "optimizer", "sharpness_kind", "threshold",
            "sharpness_init", "reached_step", "sharpness_after_mean", "sharpness_after_std",
            "sharpness_after_ratio", "max_sharpness", "lambda_max_final_track",
@@ -158,6 +171,13 @@ def validate() -> None:
         raise app.UsageError("\n".join(errors))
 
 
+def sweep_mode() -> str:
+    """``--sweep`` resolved: ``auto`` is ``loop`` on a CPU backend, ``vmap`` otherwise."""
+    if FLAGS.sweep != "auto":
+        return FLAGS.sweep
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
 def tracking_config() -> TrackingConfig:
     return TrackingConfig(
         optimizer=OPTIMIZER_NAMES[FLAGS.optimizer], num_steps=FLAGS.train_steps,
@@ -169,10 +189,12 @@ def tracking_config() -> TrackingConfig:
         slq_rel_tol=FLAGS.slq_rel_tol, divergence_factor=FLAGS.divergence_factor)
 
 
-def run_config(problem) -> dict:
+def run_config(problem, sweep: str) -> dict:
     shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
-    protocol.update(problem=problem.name, loss=problem.loss_name)
+    # vmap and loop round differently in the last bits, amplified at the edge of stability
+    # (crit.tracking.make_sweep): their results are not mixed
+    protocol.update(problem=problem.name, loss=problem.loss_name, sweep=sweep)
     return {"experiment": "edge_of_stability", "protocol": protocol, "flags": shared | own,
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "environment": common.environment()}
@@ -327,7 +349,8 @@ def main(argv):
     validate()
     problem = common.problem_from_flags()
     out_dir = Path(FLAGS.out_dir)
-    common.prepare_out_dir(out_dir, run_config(problem), OUTPUTS)
+    sweep = sweep_mode()
+    common.prepare_out_dir(out_dir, run_config(problem, sweep), OUTPUTS)
     rates = parse_learning_rates(FLAGS.learning_rates)
     config = tracking_config()
     thresholds = np.asarray([stability_threshold(config.optimizer, r, config.momentum, config.b1)
@@ -337,6 +360,9 @@ def main(argv):
     print(f"{problem.name}: P = {problem.n_params}, n = {problem.dataset.n_train}; "
           f"{FLAGS.optimizer} at η = {rates} × {FLAGS.num_inits} inits, {FLAGS.train_steps} "
           f"steps, tracked every {FLAGS.track_every} ({len(steps)} tracks), float64")
+    print(f"sweep: {sweep} (--sweep={FLAGS.sweep}, backend {jax.default_backend()}): "
+          + ("one vmapped program" if sweep == "vmap" else
+             "one compiled track_training called per configuration"))
 
     root = jax.random.PRNGKey(FLAGS.seed)
     init_keys = [jax.random.fold_in(root, i) for i in range(FLAGS.num_inits)]
@@ -346,10 +372,11 @@ def main(argv):
     lanczos_keys = jnp.stack([jax.random.fold_in(k, 1) for k in init_keys])
     loss = lambda t: problem.loss_fn(unravel(t))  # noqa: E731
     start = time.time()
-    sweep = jax.jit(lambda th, lr, ks: track_sweep(loss, th, lr, ks, config))
-    out = jax.block_until_ready(sweep(thetas, jnp.asarray(rates), lanczos_keys))
-    print(f"tracked {len(rates) * FLAGS.num_inits} runs in one program: "
-          f"{time.time() - start:.1f} s (compile included)")
+    out = jax.block_until_ready(make_sweep(loss, config, sweep)(thetas, jnp.asarray(rates),
+                                                                lanczos_keys))
+    print(f"tracked {len(rates) * FLAGS.num_inits} runs "
+          + ("in one program" if sweep == "vmap" else "one at a time")
+          + f": {time.time() - start:.1f} s (compile included)")
     series = {k: np.asarray(v) for k, v in out._asdict().items()
               if v is not None and k != "final_params"}
     rows = summarize(series, steps, rates, thresholds, kind)

@@ -1,6 +1,8 @@
 """experiments.edge_of_stability on a tiny configuration: every file and column, the summary
-consistent with the stored series, and bad flags refused before any compute."""
+consistent with the stored series, --sweep=loop (the CPU default) and --sweep=vmap giving the
+same results, and bad flags refused before any compute."""
 
+import json
 import math
 
 import numpy as np
@@ -35,6 +37,12 @@ SERIES = ["loss", "track_loss", "grad_norm", "lambda_max", "lambda_min", "residu
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eos") / "run"
     return out, run_app("edge_of_stability", *TINY, f"--out_dir={out}")
+
+
+@pytest.fixture(scope="module")
+def run_vmap(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eos_vmap") / "run"
+    return out, run_app("edge_of_stability", *TINY, "--sweep=vmap", f"--out_dir={out}")
 
 
 def test_files_columns_and_series(run):
@@ -84,7 +92,39 @@ def test_files_columns_and_series(run):
     assert all(int(r["diverged_step"]) == -1 for r in rows[:2])
     assert all(r["end_status"] == "diverged" and int(r["diverged_step"]) > 0 for r in rows[2:])
     assert any(r["end_status"] == "critical" for r in rows)
-    assert "tracked 4 runs in one program" in proc.stdout
+    assert "tracked 4 runs one at a time" in proc.stdout
+
+
+def test_sweep_loop_and_vmap_give_the_same_results(run, run_vmap):
+    """--sweep=auto is the loop on CPU; on this short tiny run the vmapped program gives the same
+    series (bit for bit here, where the tests run XLA with most optimizations off; with them on,
+    λ_max and λ_min differed by ≤ 2e-14 relative, everything else identical). Longer runs at
+    the edge of stability part (crit.tracking.make_sweep), so the resolved mode is the resume
+    fingerprint: a loop run is not mixed into a vmap run's directory."""
+    (out, proc), (out_v, proc_v) = run, run_vmap
+    assert "sweep: loop (--sweep=auto, backend cpu)" in proc.stdout
+    assert "sweep: vmap (--sweep=vmap, backend cpu)" in proc_v.stdout
+    assert "tracked 4 runs in one program" in proc_v.stdout
+    for path, flag, mode in ((out, "auto", "loop"), (out_v, "vmap", "vmap")):
+        config = json.loads((path / "config.json").read_text())
+        assert (config["flags"]["sweep"], config["protocol"]["sweep"]) == (flag, mode)
+    with np.load(out / "series.npz") as a, np.load(out_v / "series.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            x, y = a[name], b[name]
+            if x.dtype.kind == "f":
+                scale = np.nanmax(np.abs(y)) if np.isfinite(y).any() else 1.0
+                np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12 * scale, err_msg=name)
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=name)
+    loop_rows, vmap_rows = read_rows(out / "summary.csv"), read_rows(out_v / "summary.csv")
+    for r, rv in zip(loop_rows, vmap_rows, strict=True):
+        for column in ("reached_step", "hvps_per_track_mean", "hvps_first_track",
+                       "unconverged_tracks", "diverged_step", "end_status", "end_certified"):
+            assert r[column] == rv[column], column
+    refused = run_app("edge_of_stability", *TINY, "--sweep=loop", f"--out_dir={out_v}",
+                      check=False)
+    assert refused.returncode != 0 and "(sweep: 'vmap' -> 'loop')" in refused.stderr
 
 
 @pytest.mark.parametrize("args, messages", [
@@ -98,6 +138,7 @@ def test_files_columns_and_series(run):
     (["--learning_rates=a", "--lanczos_tol=2", "--divergence_factor=1"],
      ["--learning_rates='a': expected comma-separated numbers",
       "--lanczos_tol=2.0: must be in (0, 1)", "--divergence_factor=1.0: must be"]),
+    (["--sweep=both"], ["--sweep=both: value should be one of <auto|vmap|loop>"]),
 ])
 def test_bad_flags_refused_before_compute(tmp_path, args, messages):
     out = tmp_path / "never"

@@ -17,8 +17,8 @@ from crit.problems import mlp_problem
 from crit.spectrum import classify_spectrum
 from crit.lanczos import lanczos_tridiag, tridiag_eigh
 from crit.tracking import (TrackingConfig, adam_preconditioner, extremal_track,
-                           stability_threshold,
-                           track_steps, track_sweep, track_training, tracking_optimizer)
+                           make_sweep, stability_threshold,
+                           track_steps, track_sweep, tracking_optimizer)
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compiles():
@@ -205,16 +205,20 @@ def test_warm_start_changes_hvps_not_values(tiny, warm):
 
 
 def test_vmap_over_learning_rates_equals_loop(tiny, warm):
+    """make_sweep's loop (one compiled track_training per configuration) against the vmapped
+    sweep: the same steps, checks and HVP counts; values to the last bits (bit for bit with
+    most XLA optimizations off, as here)."""
     loss, thetas, keys = tiny
-    one = jax.jit(lambda theta, lr, key: track_training(loss, theta, lr, key, TINY))
-    for i, lr in enumerate(LRS):
-        for j in range(2):
-            single = one(thetas[j], lr, keys[j])
-            for name in ("loss", "lambda_max", "lambda_min", "grad_norm", "slq_index",
-                         "final_params"):
-                np.testing.assert_allclose(getattr(single, name), getattr(warm, name)[i, j],
-                                           rtol=1e-10, atol=1e-12, err_msg=name)
-            np.testing.assert_array_equal(single.hvps, warm.hvps[i, j])
+    with pytest.raises(ValueError, match="unknown sweep mode"):
+        make_sweep(loss, TINY, "pmap")
+    loop = make_sweep(loss, TINY, "loop")(thetas, LRS, keys)
+    for name, vmapped in warm._asdict().items():
+        looped = getattr(loop, name)
+        assert np.shape(looped) == np.shape(vmapped), name
+        if name in ("hvps", "precond_hvps", "converged_max", "converged_min", "diverged_step"):
+            np.testing.assert_array_equal(looped, vmapped, err_msg=name)
+        else:
+            np.testing.assert_allclose(looped, vmapped, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 def test_adam_preconditioned_sharpness_equals_dense():
