@@ -154,7 +154,11 @@ def shard_data(problem: Problem, mesh: Mesh | None = None) -> Problem:
         return jax.vmap(lambda o, t: point_loss(o[None], t[None]))(out, yb)
 
     def local_sum(args, xs_d, ys_d, ws_d):
-        params, state = args
+        # θ and the state made device-varying here, once: the transpose of this cast is the one
+        # psum of the gradient, after the backward scan. Left implicit, the cast happens inside
+        # the scan body and the gradient is all-reduced once per batch (measured: the ResNet-20
+        # gradient 38% slower on 2 processes).
+        params, state = jax.lax.pcast(args, DATA_AXIS, to="varying")
         dtype = jax.tree.leaves(params)[0].dtype
         one = jax.checkpoint(lambda p, xb, yb, wb: jnp.sum(wb.astype(dtype)
                                                            * row_losses(p, state, xb, yb)))
