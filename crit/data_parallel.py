@@ -29,9 +29,12 @@ the one-device problem (one batch of duplicated work). ``eval`` mode and statele
 row-separable and are dealt row by row.
 
 Memory per device: one local batch of activations (checkpointed), its share of the data and
-the replicated vectors of the Krylov method (:func:`device_memory_bytes`). The data enter the
-compiled program as constants, as in the one-device problem: each process holds the whole
-training set in host memory, each device computes only its slice.
+the replicated vectors of the Krylov method (:func:`device_memory_bytes`). The rows are global
+arrays sharded over the mesh and enter the compiled program as *arguments*
+(:func:`jit_with_data`), so a device holds only its share; a process builds only its own
+devices' shards (``jax.make_array_from_callback``). JAX would otherwise compile closed-over data
+in as constants: the whole training set inside every device's program, and, on many processes,
+rows that a process does not have.
 """
 
 from __future__ import annotations
@@ -127,6 +130,13 @@ def shard_data(problem: Problem, mesh: Mesh | None = None) -> Problem:
     finders, :func:`crit.hessian.hvp_operator` and so Lanczos, SLQ, Newton-MR and the verdict —
     then runs data-parallel with replicated parameters and vectors. A one-device mesh gives the
     same numbers as ``problem`` up to summation order.
+
+    The rows are global arrays sharded over the mesh (``problem.data_args``, built with
+    ``jax.make_array_from_callback``: a process materializes only the rows of its own devices).
+    Compile with :func:`jit_with_data` so that they enter the program as arguments: each device
+    then holds only its share. Calling ``loss_fn`` inside a plain ``jax.jit`` also works on one
+    process, but JAX compiles closed-over arrays in as constants (the whole training set in the
+    program), and on many processes it cannot (the rows of other processes are not here).
     """
     mesh = mesh if mesh is not None else data_mesh()
     if DATA_AXIS not in mesh.axis_names:
@@ -139,13 +149,19 @@ def shard_data(problem: Problem, mesh: Mesh | None = None) -> Problem:
     n_devices = int(mesh.shape[DATA_AXIS])
     layout = data_layout(n_train, n_devices, problem.eval_batch_size,
                          whole_batches=problem.batchnorm == "batch")
-    b = layout.batch_rows
-    x = np.asarray(data.x_train)
-    y = np.asarray(data.y_train)
-    xs = x[layout.rows].reshape(-1, b, *x.shape[1:])
-    ys = y[layout.rows].reshape(-1, b, *y.shape[1:])
-    ws = layout.weights.reshape(-1, b)
-    x_tail, y_tail = x[layout.tail], y[layout.tail]
+    x, y = data.x_train, data.y_train
+    rows = layout.rows.reshape(-1, layout.batch_rows)
+    sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def global_rows(table):
+        # the callback runs for this process's devices only: other processes' rows are not read
+        return jax.make_array_from_callback((*rows.shape, *table.shape[1:]), sharded,
+                                            lambda index: np.asarray(table[rows[index[0]]]))
+
+    data_args = (global_rows(x), global_rows(y),
+                 jax.make_array_from_callback(rows.shape, sharded, lambda index: np.asarray(
+                     layout.weights.reshape(rows.shape)[index[0]])))
+    x_tail, y_tail = np.asarray(x[layout.tail]), np.asarray(y[layout.tail])
     apply_fn, l2 = problem.apply_fn, problem.l2
 
     def row_losses(params, state, xb, yb):
@@ -174,14 +190,68 @@ def shard_data(problem: Problem, mesh: Mesh | None = None) -> Problem:
     summed = jax.shard_map(local_sum, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, spec),
                            out_specs=PartitionSpec(), check_vma=True)
 
-    def loss_fn(params, state=None):
-        total = summed((params, state), xs, ys, ws)
-        if layout.tail.size:
-            out = apply_fn(params, x_tail, state)
-            total = total + point_loss(out, y_tail) * (layout.tail.size / n_train)
-        return total + 0.5 * l2 * l2_penalty(params) if l2 else total
+    def with_data(rows_args):
+        """The full-data loss reading the sharded rows ``rows_args`` = (xs, ys, ws)."""
+        xs, ys, ws = rows_args
 
-    return problem._replace(loss_fn=loss_fn)
+        def loss_fn(params, state=None):
+            total = summed((params, state), xs, ys, ws)
+            if layout.tail.size:
+                out = apply_fn(params, x_tail, state)
+                total = total + point_loss(out, y_tail) * (layout.tail.size / n_train)
+            return total + 0.5 * l2 * l2_penalty(params) if l2 else total
+
+        return loss_fn
+
+    return problem._replace(loss_fn=with_data(data_args), data_args=data_args,
+                            with_data=with_data)
+
+
+class DataBound:
+    """A function compiled with a problem's data as arguments (:func:`jit_with_data`).
+
+    Call it with the function's own arguments; ``compile(*args)`` compiles ahead of time and
+    returns the compiled callable (same arguments).
+    """
+
+    def __init__(self, jitted, data_args):
+        self.jitted, self.data_args = jitted, data_args
+
+    def __call__(self, *args):
+        return self.jitted(self.data_args, args)
+
+    def lower(self, *args):
+        return self.jitted.lower(self.data_args, args)
+
+    def compile(self, *args):
+        compiled = self.lower(*args).compile()
+        return lambda *call_args: compiled(self.data_args, call_args)
+
+
+def jit_with_data(make_fn, problem: Problem, in_shardings=None, out_shardings=None,
+                  **jit_kwargs) -> DataBound:
+    """``jax.jit(make_fn(problem))`` with the problem's data passed to the program as arguments.
+
+    ``make_fn(problem) -> fn`` builds the function from a problem (it may call
+    ``problem.loss_fn`` anywhere inside). Here it is called inside the trace with the problem's
+    ``loss_fn`` rebuilt on the traced data (``problem.with_data``), so the data are arguments of
+    the compiled program, kept with their own sharding (each device holds its share), not
+    constants compiled in. ``in_shardings`` (a sharding or a tuple, one per argument of ``fn``)
+    and ``out_shardings`` are those of ``fn``; None leaves them to JAX. A problem without
+    ``data_args`` (constants) is jitted as it is.
+    """
+    if problem.data_args is None:
+        def inner(_, args):
+            return make_fn(problem)(*args)
+    else:
+        def inner(data_args, args):
+            return make_fn(problem._replace(loss_fn=problem.with_data(data_args)))(*args)
+    kwargs = dict(jit_kwargs)
+    if in_shardings is not None:
+        kwargs["in_shardings"] = (None, in_shardings)
+    if out_shardings is not None:
+        kwargs["out_shardings"] = out_shardings
+    return DataBound(jax.jit(inner, **kwargs), problem.data_args)
 
 
 def replicate(tree, mesh: Mesh):
@@ -243,4 +313,4 @@ def check_memory(needed: int, budget: int, *, lanczos_flag: str = "--lanczos_ste
 
 
 __all__ = ["DATA_AXIS", "SHARD_AXES", "DataLayout", "data_mesh", "data_layout", "shard_data",
-           "replicate", "choose_shard_axis", "device_memory_bytes", "check_memory"]
+           "DataBound", "jit_with_data", "replicate", "choose_shard_axis", "device_memory_bytes", "check_memory"]

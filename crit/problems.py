@@ -75,6 +75,11 @@ class Problem(NamedTuple):
     batchnorm: str = "none"         # "none" (stateless), "eval" or "batch"
     eval_batch_size: int = 0        # rows per batch of the full-data loss (0: all at once)
     l2: float = 0.0                 # the penalty (l2/2)·‖θ‖² inside loss_fn and batch_loss_fn
+    # Data passed as arguments (crit.data_parallel.shard_data): ``with_data(data_args)`` is
+    # ``loss_fn`` reading ``data_args`` (arrays, possibly traced) instead of compiled-in
+    # constants; None for a problem whose data are constants. See crit.data_parallel.jit_with_data.
+    data_args: Any = None
+    with_data: Callable[[Any], Callable[..., Array]] | None = None
 
     @property
     def phi(self) -> float:

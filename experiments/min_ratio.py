@@ -310,12 +310,17 @@ def compute(problem, cfg, plan, mesh, out_dir: Path, todo: np.ndarray,
     if data and jax.process_index() != 0:
         print(f"process {jax.process_index()} computes every chunk with the others and leaves "
               "the chunk files to process 0", flush=True)
-    chunk_fn = make_chunk_fn(problem, cfg, None if data else mesh)
-    if data:  # ids in, records out: replicated on every device of every process
+    if data:  # ids in, records out: replicated on every device of every process; the data
+        # rows enter the program as sharded arguments (each device holds its share)
         from jax.sharding import NamedSharding, PartitionSpec
 
+        from crit.data_parallel import jit_with_data
+
         everywhere = NamedSharding(mesh, PartitionSpec())
-        chunk_fn = jax.jit(chunk_fn, in_shardings=everywhere, out_shardings=everywhere)
+        chunk_fn = jit_with_data(lambda pr: make_chunk_fn(pr, cfg, None), problem,
+                                 in_shardings=everywhere, out_shardings=everywhere)
+    else:
+        chunk_fn = make_chunk_fn(problem, cfg, mesh)
     progress = common.Progress(sum(map(len, mine))) if FLAGS.progress else None
     for ids in mine:
         try:

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import common, krylov_flags, model_flags
+from experiments import cluster, common, krylov_flags, model_flags
 from crit import store
 
 FLAGS = flags.FLAGS
@@ -145,7 +145,7 @@ def parse_snapshots(text: str, train_steps: int) -> list[int]:
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
-    errors = (common.problem_errors()
+    errors = (common.problem_errors() + cluster.cluster_errors()
               + krylov_flags.krylov_errors(FLAGS.lanczos_steps, FLAGS.slq_probes,
                                            FLAGS.num_eigs))
     if FLAGS.hvp_budget and FLAGS.probe_batch:
@@ -209,11 +209,13 @@ def run_config(problem, snapshots, dense: bool) -> dict:
             "environment": common.environment()}
 
 
-def train_with_snapshots(problem, snapshots: list[int]):
+def train_with_snapshots(problem, snapshots: list[int], shardings=None):
     """Train once; return flat float64 parameters at each snapshot step and per-step curves.
 
     One ``lax.scan`` over all steps (one compilation); the optimizer state carries over, so
-    the snapshots lie on the same trajectory as an uninterrupted run.
+    the snapshots lie on the same trajectory as an uninterrupted run. On the data axis
+    (``problem`` from crit.data_parallel.shard_data) the rows are arguments of the program
+    and ``shardings`` (replicated over the mesh) places θ and the outputs on every device.
     """
     import jax
     import jax.numpy as jnp
@@ -228,10 +230,12 @@ def train_with_snapshots(problem, snapshots: list[int]):
     theta0, unravel = ravel_pytree(params)
     opt = make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum)
     steps = jnp.asarray(snapshots)
-    value_and_grad = jax.value_and_grad(problem.loss_fn)
 
-    @jax.jit
-    def run(p):
+    def make_run(pr):
+        value_and_grad = jax.value_and_grad(pr.loss_fn)
+        return lambda p: run(p, value_and_grad)
+
+    def run(p, value_and_grad):
         def step(carry, i):
             p, state, buf = carry
             flat = ravel_pytree(p)[0]
@@ -249,7 +253,10 @@ def train_with_snapshots(problem, snapshots: list[int]):
 
     if problem.has_state or FLAGS.batch_size:
         return train_model_with_snapshots(problem, snapshots, params, dtype, opt)
-    buf, loss, gnorm = run(params)
+    from crit.data_parallel import jit_with_data
+
+    compiled = jit_with_data(make_run, problem, in_shardings=shardings, out_shardings=shardings)
+    buf, loss, gnorm = compiled(jax.tree.map(np.asarray, params))
     return np.asarray(buf), None, np.asarray(loss, np.float64), np.asarray(gnorm, np.float64)
 
 
@@ -313,8 +320,10 @@ GRID_POINTS = 2000
 LOG_GRID_POINTS = 600
 
 
-def make_analysis(problem):
-    """theta -> dict of results at one snapshot, compiled once for all snapshots.
+def make_analysis(problem, shardings=None):
+    """theta -> dict of results at one snapshot, compiled once for all snapshots
+    (crit.data_parallel.jit_with_data: on the data axis the rows are arguments of the program,
+    ``shardings`` places θ and the results on every device of the mesh).
 
     Keys: loss, grad_norm, spec (KrylovSpectrum, with its verdict and the sign fractions on
     the τ grid), the densities (``grid``, ``density``; ``log_grid``, ``log_density_pos``,
@@ -340,8 +349,7 @@ def make_analysis(problem):
     max_steps = krylov_flags.probe_max_steps(FLAGS.lanczos_steps, FLAGS.slq_probes,
                                              FLAGS.num_eigs) or None
 
-    @jax.jit
-    def analyse(theta, state_flat):
+    def analyse(problem, theta, state_flat):
         params, state = unravel(theta), unravel_state(state_flat)
         loss_fn = problem.bind_state(state)   # L(θ; state): the state is fixed, never varied
         loss = loss_fn(params)
@@ -375,18 +383,22 @@ def make_analysis(problem):
                 spec.slq, out["log_grid"], sign=sign, tol=tau, sigma=FLAGS.log_sigma)
         return out
 
-    return analyse, (unravel, unravel_state)
+    from crit.data_parallel import jit_with_data
+
+    compiled = jit_with_data(lambda pr: lambda t, s: analyse(pr, t, s), problem,
+                             in_shardings=shardings, out_shardings=shardings)
+    return compiled, (unravel, unravel_state)
 
 
-def make_dense(problem, unravels):
+def make_dense(problem, unravels, shardings=None):
     """(theta, state) -> all P exact eigenvalues (dense Hessian, compiled once; numpy eigvalsh)."""
-    import jax
-
+    from crit.data_parallel import jit_with_data
     from crit.hessian import dense_hessian
 
     unravel, unravel_state = unravels
-    hessian = jax.jit(lambda t, s: dense_hessian(problem.bind_state(unravel_state(s)),
-                                                 unravel(t)))
+    hessian = jit_with_data(
+        lambda pr: lambda t, s: dense_hessian(pr.bind_state(unravel_state(s)), unravel(t)),
+        problem, in_shardings=shardings, out_shardings=shardings)
     return lambda theta, state: np.linalg.eigvalsh(np.asarray(hessian(theta, state)))
 
 
@@ -598,25 +610,45 @@ def load_snapshots(out_dir: Path, n_snapshots: int) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # JAX's multi-controller runtime starts before anything touches a device (as in min_ratio)
+    cluster_problems = cluster.cluster_errors()
+    if cluster_problems:
+        raise app.UsageError("\n".join(cluster_problems))
+    cluster.start_cluster()
     validate()
+    import jax
+
     problem = common.problem_from_flags()
     axis, why = krylov_flags.shard_axis(1, problem)
     problems = krylov_flags.shard_axis_errors(axis)
+    if jax.process_count() > 1 and axis != "data":
+        problems.append(f"{jax.process_count()} processes follow one init only by sharing its "
+                        f"data: --shard_axis={FLAGS.shard_axis} resolved to {axis}; use "
+                        "--shard_axis=data (or auto)")
+    if jax.process_count() > 1 and (problem.has_state or FLAGS.batch_size):
+        problems.append("on many processes the spectrum app trains full-batch without state: "
+                        "BatchNorm models and --batch_size train on one device per process; "
+                        "run them as one process")
     if axis == "data":
         problems += krylov_flags.data_parallel_memory_errors(
             problem, (FLAGS.slq_probes + 1) * FLAGS.lanczos_steps)
     if problems:
         raise app.UsageError("\n".join(problems))
     print(krylov_flags.shard_line(axis, why, problem), flush=True)
+    shardings = None
     if axis == "data":
-        from crit.data_parallel import shard_data
+        from jax.sharding import NamedSharding, PartitionSpec
 
-        problem = shard_data(problem)
+        from crit.data_parallel import data_mesh, shard_data
+
+        mesh = data_mesh()
+        problem = shard_data(problem, mesh)
+        shardings = NamedSharding(mesh, PartitionSpec())  # θ, state and results: everywhere
     dense = compare_dense(problem.n_params)
     snapshots = parse_snapshots(FLAGS.snapshots, FLAGS.train_steps)
     out_dir = Path(FLAGS.out_dir)
-    resuming = common.prepare_out_dir(out_dir, run_config(problem, snapshots, dense), OUTPUTS,
-                                      chunked=True)
+    lead = jax.process_index() == 0
+    resuming = cluster.agree_on_out_dir(out_dir, run_config(problem, snapshots, dense), OUTPUTS)
     done = load_snapshots(out_dir, len(snapshots))
     todo = [j for j in range(len(snapshots)) if j not in done]
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "
@@ -628,23 +660,29 @@ def main(argv):
           + (f"; resuming, {len(todo)} of {len(snapshots)} snapshots left" if resuming else ""),
           flush=True)
     t0 = time.time()
-    thetas, states, curve_loss, curve_grad = train_with_snapshots(problem, snapshots)
+    thetas, states, curve_loss, curve_grad = train_with_snapshots(problem, snapshots,
+                                                                  shardings)
     if states is None:
         states = np.zeros((len(snapshots), 0))
     print(f"trained {FLAGS.train_steps} steps in {time.time() - t0:.1f}s", flush=True)
     if todo:
-        analyse, unravel = make_analysis(problem)
+        analyse, unravel = make_analysis(problem, shardings)
         t1 = time.time()
-        analyse = analyse.lower(thetas[0], states[0]).compile()
+        analyse = analyse.compile(thetas[0], states[0])
         print(f"compiled the analysis in {time.time() - t1:.1f}s", flush=True)
-        dense_eigs = make_dense(problem, unravel) if dense else None
+        dense_eigs = make_dense(problem, unravel, shardings) if dense else None
     for j in todo:
         t1 = time.time()
         row = analyse_snapshot(analyse, dense_eigs, thetas[j], states[j])
         # saved before the next snapshot starts: a killed run loses at most the one in progress
-        store.write_chunk(out_dir, {"init_id": np.asarray([j])}
-                          | {k: np.asarray(v)[None] for k, v in row.items()})
+        if lead:  # every process computed the snapshot; one writes it
+            store.write_chunk(out_dir, {"init_id": np.asarray([j])}
+                              | {k: np.asarray(v)[None] for k, v in row.items()})
         print(snapshot_line(snapshots[j], row, time.time() - t1), flush=True)
+    if not lead:
+        print(f"process {jax.process_index()} computed every snapshot with the others and "
+              "leaves the files to process 0", flush=True)
+        return
     # Outputs come from the saved chunks whether this run computed them or an earlier one did.
     done = load_snapshots(out_dir, len(snapshots))
     rows = [dict(done[j], step=step) for j, step in enumerate(snapshots)]
