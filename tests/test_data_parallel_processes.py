@@ -1,9 +1,10 @@
 """The data axis with data as arguments and on many processes: the training rows enter the
 compiled program as sharded arguments (each device holds its share, no constant holds the
-data), and the spectrum app on 2 processes under jax.distributed (lead-only writes, the numbers
-of the unsharded problem)."""
+data), and the spectrum app as 2 tasks of a simulated SLURM job under jax.distributed
+(--distributed_auto; lead-only writes, the numbers of the unsharded problem)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -72,7 +73,32 @@ SPECTRUM = ["--widths=4", "--n_points=27", "--eval_batch_size=4", "--train_steps
             "--eig_tol=1e-2", "--compare_dense=false", "--startup_timeout=120"]
 
 
-def test_spectrum_on_two_processes_matches_the_unsharded_problem_and_writes_once(tmp_path):
+def slurm_port() -> int:
+    """A free port in the range JAX's SLURM detection derives from the job id,
+    61440 + SLURM_JOB_ID mod 4096 (jax/_src/clusters/slurm_cluster.py)."""
+    import socket
+
+    for port in range(61440 + os.getpid() % 4000, 65536):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 61440..65535")
+
+
+def slurm_env(task: int, tasks: int, port: int) -> dict:
+    """The variables ``srun`` sets for task ``task`` of a one-node job: what
+    ``--distributed_auto`` (jax.distributed.initialize() without arguments) reads."""
+    return {**ENV, "SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": str(tasks), "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task),
+            "SLURM_STEP_NUM_NODES": "1"}
+
+
+def test_spectrum_on_two_slurm_tasks_matches_the_unsharded_problem_and_writes_once(tmp_path):
+    """The BUILD.md SLURM recipe, its environment simulated on localhost: 2 tasks started with
+    --distributed_auto find each other from the SLURM_* variables alone."""
     import jax.numpy as jnp
 
     from crit.hessian import dense_hessian
@@ -81,12 +107,11 @@ def test_spectrum_on_two_processes_matches_the_unsharded_problem_and_writes_once
     from crit.train import cast_params
 
     out = tmp_path / "spectrum"
-    port = free_port()
+    port = slurm_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, f"--out_dir={out}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+         "--distributed_auto"], cwd=ROOT, env=slurm_env(i, 2, port), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
     texts = []
     for p in procs:
         o, e = p.communicate(timeout=300)
