@@ -483,7 +483,7 @@ def track_sweep(loss_fn: Callable[[Array], Array], thetas0: Array, learning_rate
 
 
 def make_sweep(loss_fn: Callable[[Array], Array], config: TrackingConfig,
-               mode: Literal["vmap", "loop"] = "vmap"
+               mode: Literal["vmap", "loop"] = "vmap", jit: Callable | None = None
                ) -> Callable[[Array, Array, Array], TrainingTrack]:
     """A function ``(thetas0, learning_rates, keys) -> TrainingTrack`` that runs
     :func:`track_training` for every learning rate × initialization, compiled once.
@@ -494,6 +494,13 @@ def make_sweep(loss_fn: Callable[[Array], Array], config: TrackingConfig,
     ``mode="vmap"``: ``jit(track_sweep)``, one program for the whole sweep. ``mode="loop"``:
     ``jit(track_training)``, compiled for the first configuration and called once per (learning
     rate, init), each call waited for, the results stacked.
+
+    ``jit`` (optional) compiles the program: it is called with ``build``, a function from a loss
+    (flat θ -> full-data loss) to the function to compile, and returns the compiled function.
+    Default: ``jax.jit(build(loss_fn))``. A caller whose loss reads data sharded over devices
+    passes the data as arguments of the program this way, e.g. ``lambda build:
+    crit.data_parallel.jit_with_data(lambda pr: build(flat_loss(pr)), problem)``, instead of
+    having them compiled in as constants.
 
     Both run the same algorithm, but the batched and unbatched XLA programs may round
     differently in the last bits, from the loss and gradient of the first step on; training
@@ -513,13 +520,15 @@ def make_sweep(loss_fn: Callable[[Array], Array], config: TrackingConfig,
     (measured 2026-12-03, 32 configurations of a P = 321 MLP on 2 cores: 2.68 s one at a time,
     4.70 s vmapped). ``vmap`` is for an accelerator, which one small configuration cannot fill.
     """
+    compile_ = jit if jit is not None else (lambda build: jax.jit(build(loss_fn)))
     if mode == "vmap":
-        sweep = jax.jit(lambda th, lr, ks: track_sweep(loss_fn, th, lr, ks, config))
+        sweep = compile_(lambda loss: lambda th, lr, ks: track_sweep(loss, th, lr, ks, config))
         return lambda thetas0, learning_rates, keys: sweep(  # noqa: E731
             thetas0, jnp.asarray(learning_rates, jnp.float64), keys)
     if mode != "loop":
         raise ValueError(f"unknown sweep mode {mode!r}; allowed: {list(SWEEP_MODES)}")
-    one = jax.jit(lambda theta, lr, key: track_training(loss_fn, theta, lr, key, config))
+    one = compile_(lambda loss: lambda theta, lr, key: track_training(loss, theta, lr, key,
+                                                                       config))
 
     def loop(thetas0, learning_rates, keys):
         # the same argument types at every call: one compile

@@ -6,6 +6,7 @@ rates at once (the edge of stability, Cohen et al. 2021; 2022 for Adam).
         --train_steps=500 --track_every=5 --slq_every=10
     python -m experiments.edge_of_stability --optimizer=adam --learning_rates=1e-3,3e-3,1e-2
     python -m experiments.edge_of_stability --sweep=vmap             # one vmapped program
+    python -m experiments.edge_of_stability --shard_axis=data --eval_batch_size=64  # data axis
 
 Protocol. Init i is ``init_fn(fold_in(PRNGKey(seed), i))``, the same for every learning rate.
 Every (learning rate, init) pair is trained ``--train_steps`` full-batch steps of
@@ -30,6 +31,21 @@ certified critical point (NaN otherwise).
 The stability threshold of each run is 2/η (sgd), (2+2β)/η (momentum) or (2+2β₁)/((1−β₁)η)
 (Adam, for λ_max(P⁻¹H)). "Reached" means the tracked sharpness is at or above it.
 
+Devices. ``--shard_axis=inits`` runs every configuration on one device, as a single process.
+``--shard_axis=data`` runs each configuration's full-data loss, gradient and HVPs over every
+device of every process (``crit.data_parallel.shard_data``): the training rows are dealt to the
+devices, each sums its rows in batches of ``--eval_batch_size``, the sums meet in a ``psum``,
+and θ, the optimizer state and the Lanczos vectors are replicated. The sweep (both modes) and
+the end-point spectra are compiled with the rows as arguments
+(``crit.data_parallel.jit_with_data``). ``--shard_axis=auto`` (default) takes ``data`` when
+there is more than one device and fewer configurations than devices or P·N ≥ 1e8, else
+``inits``; the choice is printed at start. The data axis changes the order of the sums (values
+agree to ~1e-15 relative per step, which the edge of stability can amplify), so the resolved
+axis is in the fingerprint (config.json ``protocol.shard_axis``). Many processes
+(``--coordinator_address``/``--num_processes``/``--process_id`` or ``--distributed_auto``)
+need the data axis: every process computes every configuration with the others, and process 0
+alone writes the files.
+
 Writes to ``--out_dir``: config.json; series.npz (every tracked series, axes learning rate ×
 init × track, the loss at every step, the end spectra); summary.csv (one row per learning rate
 × init); edge_of_stability.png/.pdf (sharpness with threshold lines, λ_min, loss, against step).
@@ -47,9 +63,10 @@ import numpy as np
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
 
-from experiments import common, model_flags  # noqa: F401  (--model, --data_file)
+from experiments import cluster, common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import store
 from crit.critical import STATUSES, certify
+from crit.data_parallel import SHARD_AXES, choose_shard_axis, jit_with_data
 from crit.spectrum import classify_spectrum
 from crit.tracking import TrackingConfig, make_sweep, stability_threshold, track_steps
 
@@ -62,6 +79,17 @@ flags.DEFINE_enum("sweep", "auto", ["auto", "vmap", "loop"], "How the learning r
                   "run: vmap = one vmapped program; loop = one compiled track_training called "
                   "per configuration (faster on CPU); auto = loop on a CPU backend, vmap on "
                   "GPU/TPU.")
+# Defined here, not imported from experiments/krylov_flags (which would also bring the Krylov
+# spectrum flags this app does not use), with the same name and values: "inits" means here
+# that every configuration runs on one device.
+flags.DEFINE_enum("shard_axis", "auto", list(SHARD_AXES),
+                  "What is spread over the devices (and processes): 'inits' = every (learning "
+                  "rate, init) configuration on one device, as one process (the sweep is not "
+                  "split over devices); 'data' = each configuration's full-data loss, gradient "
+                  "and HVPs summed over data shards on every device of every process "
+                  "(crit.data_parallel; the local batch is --eval_batch_size); 'auto' = data "
+                  "when there is more than one device and fewer configurations than devices or "
+                  "P·N >= 1e8, else inits (printed at start).")
 flags.DEFINE_integer("seed", 0, "Root seed.")
 flags.DEFINE_integer("track_every", 10, "Steps between curvature tracks (λ_max, λ_min).")
 flags.DEFINE_integer("lanczos_steps", 48, "Most HVPs of one warm-started track (Lanczos basis "
@@ -97,9 +125,9 @@ OPTIMIZER_NAMES = {"sgd": "gd", "momentum": "momentum", "adam": "adam"}
 # Shared flags (experiments/common.py) this app has no use for: refused when given.
 UNUSED_SHARED = ("learning_rate", "log_every", "train_dtype", "finder", "finder_steps",
                  "finder_lr")
-# --sweep is replaced in the protocol by the mode it resolves to (sweep_mode): auto and loop on
-# a CPU are the same computation
-NOT_PROTOCOL = ("out_dir", "overwrite", "sweep") + UNUSED_SHARED
+# --sweep and --shard_axis are replaced in the protocol by what they resolve to (sweep_mode,
+# shard_axis): auto and loop on a CPU are the same computation
+NOT_PROTOCOL = ("out_dir", "overwrite", "sweep", "shard_axis") + UNUSED_SHARED
 COLUMNS = ("learning_rate", "init_id", "optimizer", "sharpness_kind", "threshold",
            "sharpness_init", "reached_step", "sharpness_after_mean", "sharpness_after_std",
            "sharpness_after_ratio", "max_sharpness", "lambda_max_final_track",
@@ -129,7 +157,10 @@ def parse_learning_rates(text: str) -> list[float]:
 
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
-    errors = common.problem_errors()
+    errors = common.problem_errors() + cluster.cluster_errors()
+    if FLAGS["assemble_timeout"].present:
+        errors.append("--assemble_timeout: does not apply to this app (it writes no chunks; "
+                      "it would be ignored)")
     errors += [f"--{name}: does not apply to this app (it would be ignored"
                + ("; use --learning_rates" if name == "learning_rate" else "") + ")"
                for name in UNUSED_SHARED if FLAGS[name].present]
@@ -178,6 +209,44 @@ def sweep_mode() -> str:
     return "loop" if jax.default_backend() == "cpu" else "vmap"
 
 
+def shard_axis(num_configs: int, problem) -> tuple[str, str]:
+    """(axis, reason): --shard_axis resolved for ``num_configs`` (learning rate, init)
+    configurations of ``problem`` over every device of every process."""
+    axis, reason = choose_shard_axis(FLAGS.shard_axis, jax.device_count(), num_configs,
+                                     problem.n_params, problem.dataset.n_train)
+    # choose_shard_axis counts models as "inits"; here each configuration is one model
+    return axis, reason.replace("init(s)", "configuration(s)").replace("inits",
+                                                                       "configurations")
+
+
+def shard_line(axis: str, reason: str, problem) -> str:
+    """The start-up line that says which axis is spread and why (as min_ratio and spectrum)."""
+    if axis != "data":
+        return (f"shard axis: {axis} ({reason}): every configuration on one device of "
+                f"{jax.device_count()}")
+    from crit.data_parallel import data_layout
+
+    lay = data_layout(problem.dataset.n_train, jax.device_count(), problem.eval_batch_size,
+                      whole_batches=problem.batchnorm == "batch")
+    return (f"shard axis: data ({reason}) over {jax.device_count()} device(s), "
+            f"{lay.local_batches} local batch(es) of {lay.batch_rows} rows per device"
+            + (f" + a shared last batch of {lay.tail.size}" if lay.tail.size else ""))
+
+
+def compiler(problem, unravel, shardings):
+    """The ``jit`` of crit.tracking.make_sweep: the sweep compiled by
+    crit.data_parallel.jit_with_data (on the data axis the rows are arguments of the program;
+    ``shardings`` places θ, the keys and the results on every device). Arguments go in as
+    host arrays and results come back as host arrays, so on many processes no process hands a
+    device array of its own to a program over all of them."""
+    def jit(build):
+        bound = jit_with_data(lambda pr: build(lambda t: pr.loss_fn(unravel(t))), problem,
+                              in_shardings=shardings, out_shardings=shardings)
+        return lambda *args: jax.tree.map(np.asarray, bound(*map(np.asarray, args)))
+
+    return jit
+
+
 def tracking_config() -> TrackingConfig:
     return TrackingConfig(
         optimizer=OPTIMIZER_NAMES[FLAGS.optimizer], num_steps=FLAGS.train_steps,
@@ -189,12 +258,14 @@ def tracking_config() -> TrackingConfig:
         slq_rel_tol=FLAGS.slq_rel_tol, divergence_factor=FLAGS.divergence_factor)
 
 
-def run_config(problem, sweep: str) -> dict:
+def run_config(problem, sweep: str, axis: str) -> dict:
     shared, own = common.flag_values(__name__)
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     # vmap and loop round differently in the last bits, amplified at the edge of stability
     # (crit.tracking.make_sweep): their results are not mixed
-    protocol.update(problem=problem.name, loss=problem.loss_name, sweep=sweep)
+    # the data axis sums the loss in another order: the last bits differ, and the edge of
+    # stability amplifies them, so runs on the two axes are not mixed either
+    protocol.update(problem=problem.name, loss=problem.loss_name, sweep=sweep, shard_axis=axis)
     return {"experiment": "edge_of_stability", "protocol": protocol, "flags": shared | own,
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "environment": common.environment()}
@@ -251,19 +322,24 @@ def summarize(series: dict, steps: np.ndarray, rates, thresholds, kind: str) -> 
     return {k: np.asarray(v) for k, v in rows.items()}
 
 
-def end_point_spectra(problem, unravel, finals: np.ndarray, diverged: np.ndarray, key) -> dict:
+def end_point_spectra(problem, unravel, finals: np.ndarray, diverged: np.ndarray, key,
+                      shardings=None) -> dict:
     """Certificate and Hessian negative fraction of every end point (dense or SLQ; module
     docstring); ``end_index`` is that fraction where the point is certified critical, else NaN.
-    Diverged runs (frozen where they left the loss bound) get NaN and status diverged."""
+    Diverged runs (frozen where they left the loss bound) get NaN and status diverged. Both
+    programs are compiled by crit.data_parallel.jit_with_data (on the data axis the rows are
+    arguments; ``shardings`` places the inputs and results on every device)."""
     from crit.krylov import krylov_tolerance
     from crit.slq import slq, slq_fractions
 
-    loss = lambda t: problem.loss_fn(unravel(t))  # noqa: E731
     p = finals.shape[-1]
     dense = p <= FLAGS.dense_max_params
     flat = finals.reshape(-1, p)
 
-    def one(theta, k):
+    def flat_loss(pr):
+        return lambda t: pr.loss_fn(unravel(t))
+
+    def one(loss, theta, k):
         _, hvp = jax.linearize(jax.grad(loss), theta)
         if dense:
             h = jax.vmap(hvp)(jnp.eye(p))
@@ -277,10 +353,14 @@ def end_point_spectra(problem, unravel, finals: np.ndarray, diverged: np.ndarray
                 "end_lambda_min": jnp.nanmin(nodes), "end_lambda_max": jnp.nanmax(nodes),
                 "end_tolerance": tol}
 
-    keys = jax.random.split(key, flat.shape[0])
+    def compile_(make):
+        return jit_with_data(make, problem, in_shardings=shardings, out_shardings=shardings)
+
+    keys = np.asarray(jax.random.split(key, flat.shape[0]))
     finite = np.isfinite(flat).all(axis=1) & ~diverged.reshape(-1)
     safe = np.where(finite[:, None], flat, 0.0)
-    out = {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(jnp.asarray(safe), keys).items()}
+    spectra = compile_(lambda pr: jax.vmap(lambda t, k: one(flat_loss(pr), t, k)))
+    out = {k: np.asarray(v) for k, v in spectra(safe, keys).items()}
     if dense:
         eig = np.stack([np.linalg.eigvalsh(h) for h in out.pop("hessian")])
         summary = classify_spectrum(jnp.asarray(eig), FLAGS.eig_tol)
@@ -290,8 +370,8 @@ def end_point_spectra(problem, unravel, finals: np.ndarray, diverged: np.ndarray
         out["end_negative_fraction_lo"] = out["end_negative_fraction"]
         out["end_negative_fraction_hi"] = out["end_negative_fraction"]
     scale = np.maximum(np.abs(out["end_lambda_min"]), np.abs(out["end_lambda_max"]))
-    cert = jax.jit(jax.vmap(lambda t, s: certify(loss, t, s, FLAGS.grad_tol, FLAGS.flat_tol)))(
-        jnp.asarray(safe), jnp.asarray(scale))
+    cert = compile_(lambda pr: jax.vmap(lambda t, s: certify(flat_loss(pr), t, s, FLAGS.grad_tol,
+                                                             FLAGS.flat_tol)))(safe, scale)
     status = np.asarray(cert.status)
     status = np.where(finite, status, STATUSES.index("diverged"))
     for k, v in list(out.items()):
@@ -346,12 +426,35 @@ def edge_figure(series, steps, rates, thresholds, kind, out_dir: Path, title: st
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # JAX's multi-controller runtime starts before anything touches a device (validate() builds
+    # the model on shapes): cluster flags first, then the cluster, then the rest
+    cluster_problems = cluster.cluster_errors()
+    if cluster_problems:
+        raise app.UsageError("\n".join(cluster_problems))
+    cluster.start_cluster()
     validate()
     problem = common.problem_from_flags()
+    rates = parse_learning_rates(FLAGS.learning_rates)
+    axis, why = shard_axis(len(rates) * FLAGS.num_inits, problem)
+    if jax.process_count() > 1 and axis != "data":
+        raise app.UsageError(
+            f"{jax.process_count()} processes share the work only over the data axis: "
+            f"--shard_axis={FLAGS.shard_axis} resolved to {axis} ({why}); use "
+            "--shard_axis=data (or auto with fewer configurations than devices)")
+    print(shard_line(axis, why, problem), flush=True)
+    shardings = None
+    if axis == "data":
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from crit.data_parallel import data_mesh, shard_data
+
+        mesh = data_mesh()
+        problem = shard_data(problem, mesh)
+        shardings = NamedSharding(mesh, PartitionSpec())  # θ, keys and results: everywhere
     out_dir = Path(FLAGS.out_dir)
     sweep = sweep_mode()
-    common.prepare_out_dir(out_dir, run_config(problem, sweep), OUTPUTS)
-    rates = parse_learning_rates(FLAGS.learning_rates)
+    lead = jax.process_index() == 0
+    cluster.agree_on_out_dir(out_dir, run_config(problem, sweep, axis), OUTPUTS, chunked=False)
     config = tracking_config()
     thresholds = np.asarray([stability_threshold(config.optimizer, r, config.momentum, config.b1)
                              for r in rates])
@@ -372,8 +475,9 @@ def main(argv):
     lanczos_keys = jnp.stack([jax.random.fold_in(k, 1) for k in init_keys])
     loss = lambda t: problem.loss_fn(unravel(t))  # noqa: E731
     start = time.time()
-    out = jax.block_until_ready(make_sweep(loss, config, sweep)(thetas, jnp.asarray(rates),
-                                                                lanczos_keys))
+    # compiler() rebuilds this loss inside the program, on the rows passed as arguments
+    run = make_sweep(loss, config, sweep, jit=compiler(problem, unravel, shardings))
+    out = jax.block_until_ready(run(thetas, jnp.asarray(rates), lanczos_keys))
     print(f"tracked {len(rates) * FLAGS.num_inits} runs "
           + ("in one program" if sweep == "vmap" else "one at a time")
           + f": {time.time() - start:.1f} s (compile included)")
@@ -381,10 +485,15 @@ def main(argv):
               if v is not None and k != "final_params"}
     rows = summarize(series, steps, rates, thresholds, kind)
     ends = end_point_spectra(problem, unravel, np.asarray(out.final_params),
-                             series["diverged_step"] >= 0, jax.random.fold_in(root, 2 ** 20))
+                             series["diverged_step"] >= 0, jax.random.fold_in(root, 2 ** 20),
+                             shardings)
     rows.update(final_loss=series["final_loss"].reshape(-1),
                 final_grad_norm=series["final_grad_norm"].reshape(-1),
                 **{k: v for k, v in ends.items() if k != "eigenvalues"})
+    if not lead:
+        print(f"process {jax.process_index()} computed every configuration with the others and "
+              "leaves the files to process 0", flush=True)
+        return
     store.write_csv(out_dir / "summary.csv", {c: rows[c] for c in COLUMNS})
     extra = {"eigenvalues_end": ends["eigenvalues"].reshape(len(rates), FLAGS.num_inits, -1)
              } if "eigenvalues" in ends else {}

@@ -215,3 +215,112 @@ def test_the_memory_plan_follows_the_local_batch_and_names_the_flags_that_help()
     check_memory(a, a)
     with pytest.raises(MemoryError, match="--eval_batch_size.*--lanczos_steps.*--slq_probes"):
         check_memory(a + 1, a)
+
+
+# edge_of_stability, one configuration (P = 10, 15 sinc rows in local batches of 4); 12 cold
+# Lanczos steps ≥ P, so the first track's λ_max is exact
+EOS = ["--widths=3", "--n_points=15", "--eval_batch_size=4", "--learning_rates=0.1",
+       "--num_inits=1", "--train_steps=6", "--track_every=3", "--lanczos_steps=8",
+       "--cold_lanczos_steps=12", "--grad_tol=1e-1"]
+
+
+@pytest.fixture(scope="module")
+def eos_two_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eos_dp") / "two_devices"
+    proc = run_app("edge_of_stability", *EOS, f"--out_dir={out}", env=TWO_DEVICES)
+    return out, proc.stdout
+
+
+def test_edge_of_stability_on_two_devices_shards_the_data(eos_two_devices):
+    """One configuration on two devices: the automatic axis is data, and the loss at every
+    step, λ_max at step 0 and the end point's eigenvalues are those of gradient descent on the
+    unsharded problem computed here."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from crit.problems import mlp_problem
+
+    out, text = eos_two_devices
+    assert ("shard axis: data (1 configuration(s) < 2 devices) over 2 device(s), 2 local "
+            "batch(es) of 4 rows per device") in text
+    assert json.loads((out / "config.json").read_text())["protocol"]["shard_axis"] == "data"
+    with np.load(out / "series.npz") as data:
+        series = {k: data[k] for k in data.files}
+    problem = mlp_problem("sinc", widths=(3,), n_points=15)
+    theta, unravel = ravel_pytree(problem.init_fn(jax.random.fold_in(jax.random.PRNGKey(0), 0)))
+    loss = jax.jit(lambda t: problem.loss_fn(unravel(t)))
+    grad = jax.jit(jax.grad(lambda t: problem.loss_fn(unravel(t))))
+    hessian = jax.jit(jax.hessian(lambda t: problem.loss_fn(unravel(t))))
+    theta = theta.astype(jnp.float64)
+    top0 = np.linalg.eigvalsh(np.asarray(hessian(theta)))[-1]
+    losses = []
+    for _ in range(6):
+        losses.append(float(loss(theta)))
+        theta = theta - 0.1 * grad(theta)
+    losses.append(float(loss(theta)))
+    end = np.linalg.eigvalsh(np.asarray(hessian(theta)))
+    np.testing.assert_allclose(series["loss"][0, 0], losses, rtol=1e-10)
+    assert series["lambda_max"][0, 0, 0] == pytest.approx(top0, rel=1e-10)
+    np.testing.assert_allclose(series["eigenvalues_end"][0, 0], end, rtol=0,
+                               atol=1e-10 * np.abs(end).max())
+
+
+def test_edge_of_stability_on_two_processes_matches_two_devices_and_writes_once(
+        eos_two_devices, tmp_path):
+    """2 processes × 1 device, vmapped sweep, against 1 process × 2 devices, loop: the same
+    mesh, so the same sums; every process tracks the configuration and only process 0
+    writes."""
+    one, _ = eos_two_devices
+    out = tmp_path / "two_processes"
+    port = free_port()
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.edge_of_stability", *EOS, "--sweep=vmap",
+         f"--out_dir={out}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={i}", "--startup_timeout=120"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    texts = []
+    for p in procs:
+        o, e = p.communicate(timeout=300)
+        assert p.returncode == 0, o + e
+        texts.append(o)
+    for text in texts:
+        assert "shard axis: data (1 configuration(s) < 2 devices) over 2 device(s)" in text
+        assert "tracked 1 runs in one program" in text
+    assert "leaves the files to process 0" in texts[1]
+    assert "leaves the files" not in texts[0] and "wrote " in texts[0]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "edge_of_stability.pdf", "edge_of_stability.png", "series.npz",
+        "summary.csv"]
+    with np.load(one / "series.npz") as a, np.load(out / "series.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            x, y = a[name], b[name]
+            if x.dtype.kind == "f":
+                scale = np.nanmax(np.abs(x)) if np.isfinite(x).any() else 1.0
+                np.testing.assert_allclose(y, x, rtol=1e-12, atol=1e-12 * scale, err_msg=name)
+            else:
+                np.testing.assert_array_equal(y, x, err_msg=name)
+    protocols = [json.loads((d / "config.json").read_text())["protocol"] for d in (one, out)]
+    assert protocols[1].pop("sweep") == "vmap" and protocols[0].pop("sweep") == "loop"
+    assert protocols[0] == protocols[1]
+
+
+def test_edge_of_stability_on_two_processes_refuses_the_inits_axis(tmp_path):
+    """Many processes share one configuration's work only over the data axis: --shard_axis=inits
+    stops every process with one message before the results directory or any compute."""
+    out = tmp_path / "never"
+    port = free_port()
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.edge_of_stability", *EOS, "--shard_axis=inits",
+         f"--out_dir={out}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0
+        assert ("2 processes share the work only over the data axis: --shard_axis=inits "
+                "resolved to inits (as requested); use --shard_axis=data") in err, err
+    assert not out.exists()
