@@ -66,19 +66,23 @@ def build(n: int, batch: int, depth: int, width: int):
 
 
 def hvp_fn(problem, params, state, mesh):
-    """(jitted θ, v ↦ H v on ``mesh``, θ, v): replicated in, replicated out."""
+    """(jitted θ, v ↦ H v on ``mesh``, θ, v): replicated in, replicated out; the data rows
+    enter as sharded arguments (crit.data_parallel.jit_with_data), as in the apps."""
     import jax
     from jax.flatten_util import ravel_pytree
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from crit.data_parallel import shard_data
+    from crit.data_parallel import jit_with_data, shard_data
 
     theta, unravel = ravel_pytree(params)
     sharded = shard_data(problem, mesh)
-    loss = lambda t: sharded.loss_fn(unravel(t), state)  # noqa: E731
+
+    def make_hvp(pr):  # the rows are arguments of the program (each device holds its share)
+        loss = lambda t: pr.loss_fn(unravel(t), state)  # noqa: E731
+        return lambda t, v: jax.jvp(jax.grad(loss), (t,), (v,))[1]
+
     everywhere = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(lambda t, v: jax.jvp(jax.grad(loss), (t,), (v,))[1],
-                 in_shardings=everywhere, out_shardings=everywhere)
+    fn = jit_with_data(make_hvp, sharded, in_shardings=everywhere, out_shardings=everywhere)
     v = jax.random.normal(jax.random.PRNGKey(1), theta.shape, theta.dtype)
     return fn, np_(theta), np_(v)
 
@@ -109,7 +113,7 @@ def worker_devices(args) -> dict:
     for d in (1, 2):
         fn, theta, v = hvp_fn(problem, params, state, data_mesh(jax.devices()[:d]))
         t = time.perf_counter()
-        fn = fn.lower(theta, v).compile()
+        fn = fn.compile(theta, v)
         compile_s[d] = time.perf_counter() - t
         fns[d] = fn
     outs, times = {}, {1: [], 2: []}
@@ -135,7 +139,7 @@ def worker_processes(args) -> dict | None:
     problem, params, state = build(args.n, args.batch, args.depth, args.width)
     fn, theta, v = hvp_fn(problem, params, state, data_mesh())
     t = time.perf_counter()
-    fn = fn.lower(theta, v).compile()
+    fn = fn.compile(theta, v)
     compile_s = time.perf_counter() - t
     out = timed(fn, theta, v)[1]
     times = [timed(fn, theta, v)[0] for _ in range(args.reps)]

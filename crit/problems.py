@@ -155,8 +155,10 @@ def make_problem(module: nn.Module, data: Dataset, loss: str = "mse", l2: float 
         raise ValueError(f"eval_batch_size must be >= 0, got {eval_batch_size}")
     check_dataset(data)
     point_loss = LOSSES[loss]
-    x_train = jnp.asarray(data.x_train)
-    y_train = jnp.asarray(data.y_train)
+    # host arrays: they enter a jitted loss as constants and are never copied to a device up
+    # front (with crit.data_parallel.shard_data each device receives only its share)
+    x_train = np.asarray(data.x_train)
+    y_train = np.asarray(data.y_train)
     n_train = int(x_train.shape[0])
     train_flag = takes_train_flag(module)
     mode_kw = (lambda train: {"train": train}) if train_flag else (lambda train: {})

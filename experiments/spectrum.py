@@ -252,7 +252,17 @@ def train_with_snapshots(problem, snapshots: list[int], shardings=None):
         return buf, loss, gnorm
 
     if problem.has_state or FLAGS.batch_size:
-        return train_model_with_snapshots(problem, snapshots, params, dtype, opt)
+        trained = train_model_with_snapshots(problem, snapshots, params, dtype, opt)
+        if jax.process_count() == 1:
+            return trained
+        # each process trained on its own first device (this path is not data-parallel);
+        # all analyse process 0's trajectory, so no last-bit difference between processes
+        # can make their replicated θ disagree
+        from jax.experimental import multihost_utils
+
+        print("training with state / mini-batches ran on one device of each process; every "
+              "process takes process 0's snapshots", flush=True)
+        return tuple(np.asarray(a) for a in multihost_utils.broadcast_one_to_all(trained))
     from crit.data_parallel import jit_with_data
 
     compiled = jit_with_data(make_run, problem, in_shardings=shardings, out_shardings=shardings)
@@ -625,10 +635,6 @@ def main(argv):
         problems.append(f"{jax.process_count()} processes follow one init only by sharing its "
                         f"data: --shard_axis={FLAGS.shard_axis} resolved to {axis}; use "
                         "--shard_axis=data (or auto)")
-    if jax.process_count() > 1 and (problem.has_state or FLAGS.batch_size):
-        problems.append("on many processes the spectrum app trains full-batch without state: "
-                        "BatchNorm models and --batch_size train on one device per process; "
-                        "run them as one process")
     if axis == "data":
         problems += krylov_flags.data_parallel_memory_errors(
             problem, (FLAGS.slq_probes + 1) * FLAGS.lanczos_steps)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -68,9 +69,25 @@ def test_the_rows_enter_the_program_as_sharded_arguments_not_constants():
     assert got["closed_loss"] == pytest.approx(got["loss"], rel=1e-13)
 
 
-SPECTRUM = ["--widths=4", "--n_points=27", "--eval_batch_size=4", "--train_steps=10",
-            "--lanczos_steps=12", "--slq_probes=2", "--num_eigs=2", "--snapshots=0,end",
-            "--eig_tol=1e-2", "--compare_dense=false", "--startup_timeout=120"]
+SPECTRUM = ["--n_points=27", "--eval_batch_size=4", "--train_steps=10", "--lanczos_steps=12",
+            "--slq_probes=2", "--num_eigs=2", "--snapshots=0,end", "--eig_tol=1e-2",
+            "--compare_dense=false", "--startup_timeout=120"]
+# A net with BatchNorm (eval mode): training with state runs on one device per process and every
+# process takes process 0's snapshots; the analysis is data-parallel. (A small module of the
+# user's, as a fork would write it: a ResNet compiles 2x slower for the same check.)
+NORM_NET = textwrap.dedent('''
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    def make(n_outputs):
+        class NormNet(nn.Module):
+            @nn.compact
+            def __call__(self, x, train: bool = False):
+                x = nn.Dense(3, param_dtype=jnp.float64)(x)
+                x = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(x)
+                return nn.Dense(n_outputs, param_dtype=jnp.float64)(jnp.tanh(x))
+        return NormNet()
+''')
 
 
 def slurm_port() -> int:
@@ -98,20 +115,24 @@ def slurm_env(task: int, tasks: int, port: int) -> dict:
 
 def test_spectrum_on_two_slurm_tasks_matches_the_unsharded_problem_and_writes_once(tmp_path):
     """The BUILD.md SLURM recipe, its environment simulated on localhost: 2 tasks started with
-    --distributed_auto find each other from the SLURM_* variables alone."""
+    --distributed_auto find each other from the SLURM_* variables alone, analyse a net with
+    BatchNorm on the data axis, and agree with the unsharded problem."""
     import jax.numpy as jnp
 
     from crit.hessian import dense_hessian
-    from crit.problems import mlp_problem
+    from crit.problems import model_problem
     from crit.protocol import init_key
     from crit.train import cast_params
 
+    (tmp_path / "norm_net.py").write_text(NORM_NET)
+    sys.path.insert(0, str(tmp_path))
     out = tmp_path / "spectrum"
     port = slurm_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, f"--out_dir={out}",
-         "--distributed_auto"], cwd=ROOT, env=slurm_env(i, 2, port), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
+        [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, "--model=norm_net:make",
+         f"--out_dir={out}", "--distributed_auto"], cwd=ROOT,
+        env={**slurm_env(i, 2, port), "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     texts = []
     for p in procs:
         o, e = p.communicate(timeout=300)
@@ -120,6 +141,7 @@ def test_spectrum_on_two_slurm_tasks_matches_the_unsharded_problem_and_writes_on
     for text in texts:
         assert ("shard axis: data (1 init(s) < 2 devices) over 2 device(s), 4 local batch(es) "
                 "of 4 rows per device") in text
+        assert "every process takes process 0's snapshots" in text
     assert "leaves the files to process 0" in texts[1]
     assert "leaves the files" not in texts[0]
     assert "minimum ratio (SLQ estimate)" in texts[0]
@@ -130,10 +152,17 @@ def test_spectrum_on_two_slurm_tasks_matches_the_unsharded_problem_and_writes_on
     assert json.loads((out / "config.json").read_text())["experiment"] == "spectrum"
     rows = read_rows(out / "spectrum.csv")
     assert [r["step"] for r in rows] == ["0", "10"]
-    problem = mlp_problem("digits", widths=(4,), n_points=27)
+    try:
+        problem = model_problem("norm_net:make", "digits", n_points=27)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert problem.batchnorm == "eval" and problem.n_params == 64 * 3 + 3 + 6 + 3 * 10 + 10
     params = cast_params(problem.init_fn(init_key(0, 0)), jnp.float64)
-    top = float(np.linalg.eigvalsh(np.asarray(dense_hessian(problem.loss_fn, params)))[-1])
-    assert float(rows[0]["loss"]) == pytest.approx(float(problem.loss_fn(params)), rel=1e-12)
+    state = cast_params(problem.init_state_fn(init_key(0, 0)), jnp.float64)
+    hessian = dense_hessian(problem.bind_state(state), params)
+    top = float(np.linalg.eigvalsh(np.asarray(hessian))[-1])
+    assert float(rows[0]["loss"]) == pytest.approx(float(problem.loss_fn(params, state)),
+                                                   rel=1e-12)
     assert float(rows[0]["lambda_max"]) == pytest.approx(top, rel=1e-8)
 
 
@@ -142,7 +171,8 @@ def test_spectrum_refuses_many_processes_on_the_inits_axis(tmp_path):
     on both processes."""
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, "--shard_axis=inits",
+        [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, "--widths=4",
+         "--shard_axis=inits",
          f"--out_dir={tmp_path / 'refused'}", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}"],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
