@@ -153,11 +153,14 @@ def default_vmap_width() -> int:
     return 10 if jax.default_backend() == "cpu" else 512
 
 
-def too_big_hint(hessian: str) -> str:
+def too_big_hint(hessian: str, axis: str = "inits") -> str:
     """What helps when a single init does not fit the device."""
     if hessian == "dense":
         return ("use --hessian=lanczos (HVPs only: memory ~ P x --lanczos_steps) or a smaller "
                 "network")
+    if axis == "data":  # --hvp_batch_size is refused there; the local batch is the lever
+        return ("lower --lanczos_steps or --slq_probes, or lower --eval_batch_size (the local "
+                "batch of the data axis)")
     return "lower --lanczos_steps or --slq_probes, or set --hvp_batch_size"
 
 
@@ -178,7 +181,7 @@ def memory_plan(problem, mesh, axis: str = "inits"):
     import jax
 
     cfg = protocol_config(problem.n_params, FLAGS.vmap_width or default_vmap_width())
-    hint = too_big_hint(cfg.hessian)
+    hint = too_big_hint(cfg.hessian, axis)
     per_init = estimate_bytes_per_init(problem, cfg)
     if FLAGS.memory_gb:
         capacity = free = int(FLAGS.memory_gb * 2**30)

@@ -324,3 +324,16 @@ def test_edge_of_stability_on_two_processes_refuses_the_inits_axis(tmp_path):
         assert ("2 processes share the work only over the data axis: --shard_axis=inits "
                 "resolved to inits (as requested); use --shard_axis=data") in err, err
     assert not out.exists()
+
+
+def test_min_ratio_on_the_data_axis_names_the_local_batch_when_an_init_does_not_fit(tmp_path):
+    """--hvp_batch_size is refused on the data axis, so the memory plan's hint names
+    --eval_batch_size instead; refused before any compute."""
+    out = tmp_path / "never"
+    proc = run_app("min_ratio", "--widths=3", "--n_points=15", "--eval_batch_size=4",
+                   "--num_inits=2", "--hessian=lanczos", "--shard_axis=data",
+                   "--memory_gb=0.000001", f"--out_dir={out}", env=TWO_DEVICES, check=False)
+    assert proc.returncode != 0
+    assert "lower --eval_batch_size (the local batch of the data axis)" in proc.stderr
+    assert "--hvp_batch_size" not in proc.stderr.splitlines()[-1]
+    assert not out.exists()

@@ -16,8 +16,16 @@ from tests.app_runner import ENV, ROOT, read_rows, run_app
 
 TINY = ["--widths=3", "--n_points=16", "--train_steps=60", "--log_every=20",
         "--finder_steps=4", "--progress=false", "--vmap_width=2", "--num_inits=6"]
-APPS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
-              if "app.run(main)" in p.read_text() and p.stem != "min_ratio")
+ALL_APPS = {p.stem: p.read_text() for p in (ROOT / "experiments").glob("*.py")
+            if "app.run(main)" in p.read_text()}
+# apps that run on many processes import the cluster flags (experiments/cluster.py)
+MULTI_PROCESS = sorted(a for a, text in ALL_APPS.items()
+                       if "import cluster" in text or "cluster," in text)
+APPS = sorted(set(ALL_APPS) - set(MULTI_PROCESS))
+
+
+def test_the_apps_that_run_on_many_processes_are_the_documented_ones():
+    assert MULTI_PROCESS == ["edge_of_stability", "min_ratio", "spectrum"]
 
 
 def launch(args, extra_env=None):
@@ -198,8 +206,9 @@ def test_cluster_flags_are_checked(tmp_path):
 
 @pytest.mark.parametrize("app", APPS)
 def test_single_process_apps_refuse_cluster_flags(app, tmp_path):
-    """Only min_ratio splits its work over processes; every other app refuses the cluster flags
-    before any compute instead of running the whole job once per process."""
+    """Only min_ratio, spectrum and edge_of_stability split their work over processes; every
+    other app refuses the cluster flags before any compute instead of running the whole job
+    once per process."""
     out = tmp_path / "never"
     proc = run_app(app, "--coordinator_address=127.0.0.1:1", "--num_processes=2",
                    "--process_id=1", f"--out_dir={out}", check=False, timeout=120)
