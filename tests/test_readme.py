@@ -29,3 +29,4 @@ def test_library_api_examples_run(capsys):
     out = capsys.readouterr().out
     assert "[-2.  2.] 1 1 0" in out
     assert "saddle_proven True" in out
+    assert out.count("(Array(-0.68376377") == 2   # the data axis example: mesh == one device
