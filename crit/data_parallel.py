@@ -254,6 +254,20 @@ def jit_with_data(make_fn, problem: Problem, in_shardings=None, out_shardings=No
     return DataBound(jax.jit(inner, **kwargs), problem.data_args)
 
 
+def summation_fingerprint(axis: str, n_devices: int) -> dict:
+    """What a results directory's fingerprint records of how the loss was summed.
+
+    On the ``inits`` axis each model's sums run on one device, the same whatever the device
+    count. On the ``data`` axis the rows are split over ``n_devices`` devices, and another
+    count sums in another order: the same numbers only to ~1e-15 per evaluation, which training
+    and the finders can amplify (~1e-8 over a whole ``min_ratio`` run). So the count is part of
+    the fingerprint, and a run resumed on another count is refused instead of mixed.
+    """
+    if axis not in ("inits", "data"):
+        raise ValueError(f"axis must be 'inits' or 'data', got {axis!r}")
+    return {"shard_axis": axis, "data_devices": int(n_devices) if axis == "data" else 0}
+
+
 def replicate(tree, mesh: Mesh):
     """``tree`` placed on every device of ``mesh`` (parameters, state, Lanczos vectors)."""
     sharding = NamedSharding(mesh, PartitionSpec())
@@ -313,4 +327,4 @@ def check_memory(needed: int, budget: int, *, lanczos_flag: str = "--lanczos_ste
 
 
 __all__ = ["DATA_AXIS", "SHARD_AXES", "DataLayout", "data_mesh", "data_layout", "shard_data",
-           "DataBound", "jit_with_data", "replicate", "choose_shard_axis", "device_memory_bytes", "check_memory"]
+           "DataBound", "jit_with_data", "summation_fingerprint", "replicate", "choose_shard_axis", "device_memory_bytes", "check_memory"]

@@ -66,7 +66,8 @@ from jax.flatten_util import ravel_pytree
 from experiments import cluster, common, model_flags  # noqa: F401  (--model, --data_file)
 from crit import store
 from crit.critical import STATUSES, certify
-from crit.data_parallel import SHARD_AXES, choose_shard_axis, jit_with_data
+from crit.data_parallel import (SHARD_AXES, choose_shard_axis, jit_with_data,
+                                 summation_fingerprint)
 from crit.spectrum import classify_spectrum
 from crit.tracking import TrackingConfig, make_sweep, stability_threshold, track_steps
 
@@ -265,7 +266,8 @@ def run_config(problem, sweep: str, axis: str) -> dict:
     # (crit.tracking.make_sweep): their results are not mixed
     # the data axis sums the loss in another order: the last bits differ, and the edge of
     # stability amplifies them, so runs on the two axes are not mixed either
-    protocol.update(problem=problem.name, loss=problem.loss_name, sweep=sweep, shard_axis=axis)
+    protocol.update(problem=problem.name, loss=problem.loss_name, sweep=sweep,
+                    **summation_fingerprint(axis, jax.device_count()))
     return {"experiment": "edge_of_stability", "protocol": protocol, "flags": shared | own,
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "environment": common.environment()}

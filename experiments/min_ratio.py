@@ -201,12 +201,17 @@ def memory_plan(problem, mesh, axis: str = "inits"):
 
 def run_config(cfg: ProtocolConfig, problem, axis: str = "inits") -> dict:
     """config.json: the protocol fingerprint (everything that changes numbers) and the rest."""
+    import jax
+
+    from crit.data_parallel import summation_fingerprint
+
     protocol = dict(cfg._asdict())
     protocol.update(problem=problem.name, dataset=FLAGS.dataset, n_points=FLAGS.n_points,
                     data_seed=FLAGS.data_seed, dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out,
                     widths=FLAGS.widths, activation=FLAGS.activation, use_bias=FLAGS.use_bias,
                     loss=problem.loss_name, l2=FLAGS.l2, num_inits=FLAGS.num_inits,
-                    **model_flags.fingerprint(problem))
+                    **model_flags.fingerprint(problem),
+                    **summation_fingerprint(axis, jax.device_count()))
     return {"experiment": "min_ratio", "protocol": protocol,
             "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
             | {f.name: f.value for f in FLAGS.get_flags_for_module(common)}

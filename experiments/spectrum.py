@@ -194,16 +194,21 @@ def compare_dense(n_params: int) -> bool:
     return want
 
 
-def run_config(problem, snapshots, dense: bool) -> dict:
+def run_config(problem, snapshots, dense: bool, axis: str = "inits") -> dict:
     """config.json: the fingerprint (every flag that can change a number: all of them but the
-    output options and the inapplicable ones, with --snapshots and --compare_dense resolved)
-    and the rest."""
+    output options and the inapplicable ones, with --snapshots and --compare_dense resolved,
+    and the axis with the number of data devices) and the rest."""
+    import jax
+
+    from crit.data_parallel import summation_fingerprint
+
     shared, own = common.flag_values(__name__)
     shared |= {f.name: f.value for f in FLAGS.get_flags_for_module(model_flags)}
     shared |= {f.name: f.value for f in FLAGS.get_flags_for_module(krylov_flags)}
     protocol = {k: v for k, v in (shared | own).items() if k not in NOT_PROTOCOL}
     protocol.update(problem=problem.name, loss=problem.loss_name, snapshots=snapshots,
-                    compare_dense=dense, **model_flags.fingerprint(problem))
+                    compare_dense=dense, **model_flags.fingerprint(problem),
+                    **summation_fingerprint(axis, jax.device_count()))
     return {"experiment": "spectrum", "protocol": protocol, "flags": shared | own,
             "n_params": problem.n_params, "n_train": problem.dataset.n_train,
             "environment": common.environment()}
@@ -654,7 +659,8 @@ def main(argv):
     snapshots = parse_snapshots(FLAGS.snapshots, FLAGS.train_steps)
     out_dir = Path(FLAGS.out_dir)
     lead = jax.process_index() == 0
-    resuming = cluster.agree_on_out_dir(out_dir, run_config(problem, snapshots, dense), OUTPUTS)
+    resuming = cluster.agree_on_out_dir(out_dir, run_config(problem, snapshots, dense, axis),
+                                        OUTPUTS)
     done = load_snapshots(out_dir, len(snapshots))
     todo = [j for j in range(len(snapshots)) if j not in done]
     print(f"{problem.name}: P = {problem.n_params} parameters, n = {problem.dataset.n_train} "

@@ -337,3 +337,15 @@ def test_min_ratio_on_the_data_axis_names_the_local_batch_when_an_init_does_not_
     assert "lower --eval_batch_size (the local batch of the data axis)" in proc.stderr
     assert "--hvp_batch_size" not in proc.stderr.splitlines()[-1]
     assert not out.exists()
+
+
+def test_a_data_axis_run_is_not_resumed_on_another_device_count(min_ratio_two_devices):
+    """Another device count sums in another order: refused, naming data_devices, not mixed."""
+    out, _ = min_ratio_two_devices
+    before = (out / "results.csv").read_text()
+    config = json.loads((out / "config.json").read_text())["protocol"]
+    assert (config["shard_axis"], config["data_devices"]) == ("data", 2)
+    proc = run_app("min_ratio", *MIN_RATIO, f"--out_dir={out}", check=False)  # one device
+    assert proc.returncode != 0
+    assert "data_devices" in proc.stderr
+    assert (out / "results.csv").read_text() == before
