@@ -8,4 +8,4 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
