@@ -67,6 +67,31 @@ def kill_when(module: str, args: Iterable[str], ready: Callable[[], bool],
         proc.stderr.close()
 
 
+def run_processes(module: str, args: Iterable[str], count: int = 2, port: int | None = None,
+                  env_of: Callable[[int], dict] | None = None, check: bool = True,
+                  timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """``count`` processes of ``python -m experiments.<module> *args`` started at once and
+    waited for. With ``port``, process i also gets ``--coordinator_address=127.0.0.1:<port>
+    --num_processes=<count> --process_id=i``; ``env_of(i)`` is its environment (default ENV).
+    ``check``: every process must exit 0 (else raises with its output)."""
+    args = list(args)
+    procs = []
+    for i in range(count):
+        cluster = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+                    f"--process_id={i}"] if port is not None else [])
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", f"experiments.{module}", *args, *cluster], cwd=ROOT,
+            env=env_of(i) if env_of else ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    done = []
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{module} process {i} exit {proc.returncode}\n{out}\n{err}")
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def read_rows(path) -> list[dict]:
     with open(path) as fh:
         return list(csv.DictReader(fh))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from crit.data_parallel import choose_shard_axis, data_layout
-from tests.app_runner import ENV, ROOT, read_rows, run_app
+from tests.app_runner import ENV, ROOT, read_rows, run_app, run_processes
 from tests.test_parallel import free_port
 
 TWO_DEVICES = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -172,18 +172,9 @@ def test_two_processes_on_the_data_axis_match_one_process_and_write_once(
     same sums; every process runs every init and only process 0 writes."""
     one, _ = min_ratio_two_devices
     out = tmp_path / "two_processes"
-    port = free_port()
-    env = {**ENV, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.min_ratio", *MIN_RATIO, f"--out_dir={out}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-         "--assemble_timeout=240", "--startup_timeout=120"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    texts = []
-    for p in procs:
-        o, e = p.communicate(timeout=300)
-        assert p.returncode == 0, o + e
-        texts.append(o)
+    texts = [p.stdout for p in run_processes(
+        "min_ratio", [*MIN_RATIO, f"--out_dir={out}", "--assemble_timeout=240",
+                      "--startup_timeout=120"], port=free_port())]
     for i, text in enumerate(texts):
         assert f"process {i}/2: 2 inits in 1 chunks of 2 over 2 device(s) (data axis)" in text
     assert "leaves the chunk files to process 0" in texts[1]
@@ -273,18 +264,9 @@ def test_edge_of_stability_on_two_processes_matches_two_devices_and_writes_once(
     writes."""
     one, _ = eos_two_devices
     out = tmp_path / "two_processes"
-    port = free_port()
-    env = {**ENV, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.edge_of_stability", *EOS, "--sweep=vmap",
-         f"--out_dir={out}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={i}", "--startup_timeout=120"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    texts = []
-    for p in procs:
-        o, e = p.communicate(timeout=300)
-        assert p.returncode == 0, o + e
-        texts.append(o)
+    texts = [p.stdout for p in run_processes(
+        "edge_of_stability", [*EOS, "--sweep=vmap", f"--out_dir={out}", "--startup_timeout=120"],
+        port=free_port())]
     for text in texts:
         assert "shard axis: data (1 configuration(s) < 2 devices) over 2 device(s)" in text
         assert "tracked 1 runs in one program" in text
@@ -311,18 +293,11 @@ def test_edge_of_stability_on_two_processes_refuses_the_inits_axis(tmp_path):
     """Many processes share one configuration's work only over the data axis: --shard_axis=inits
     stops every process with one message before the results directory or any compute."""
     out = tmp_path / "never"
-    port = free_port()
-    env = {**ENV, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.edge_of_stability", *EOS, "--shard_axis=inits",
-         f"--out_dir={out}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
+    for p in run_processes("edge_of_stability", [*EOS, "--shard_axis=inits", f"--out_dir={out}"],
+                           port=free_port(), check=False):
         assert p.returncode != 0
         assert ("2 processes share the work only over the data axis: --shard_axis=inits "
-                "resolved to inits (as requested); use --shard_axis=data") in err, err
+                "resolved to inits (as requested); use --shard_axis=data") in p.stderr, p.stderr
     assert not out.exists()
 
 

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.app_runner import ENV, ROOT, read_rows
+from tests.app_runner import ENV, ROOT, read_rows, run_processes
 from tests.test_parallel import free_port
 
 TWO_DEVICES = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -128,16 +128,9 @@ def test_spectrum_on_two_slurm_tasks_matches_the_unsharded_problem_and_writes_on
     sys.path.insert(0, str(tmp_path))
     out = tmp_path / "spectrum"
     port = slurm_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, "--model=norm_net:make",
-         f"--out_dir={out}", "--distributed_auto"], cwd=ROOT,
-        env={**slurm_env(i, 2, port), "PYTHONPATH": f"{ROOT}:{tmp_path}"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    texts = []
-    for p in procs:
-        o, e = p.communicate(timeout=300)
-        assert p.returncode == 0, o + e
-        texts.append(o)
+    texts = [p.stdout for p in run_processes(
+        "spectrum", [*SPECTRUM, "--model=norm_net:make", f"--out_dir={out}", "--distributed_auto"],
+        env_of=lambda i: {**slurm_env(i, 2, port), "PYTHONPATH": f"{ROOT}:{tmp_path}"})]
     for text in texts:
         assert ("shard axis: data (1 init(s) < 2 devices) over 2 device(s), 4 local batch(es) "
                 "of 4 rows per device") in text
@@ -169,16 +162,9 @@ def test_spectrum_on_two_slurm_tasks_matches_the_unsharded_problem_and_writes_on
 def test_spectrum_refuses_many_processes_on_the_inits_axis(tmp_path):
     """One init cannot be split over processes by inits: refused before compute, same message
     on both processes."""
-    port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.spectrum", *SPECTRUM, "--widths=4",
-         "--shard_axis=inits",
-         f"--out_dir={tmp_path / 'refused'}", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    for p in procs:
-        o, e = p.communicate(timeout=300)
+    for p in run_processes("spectrum", [*SPECTRUM, "--widths=4", "--shard_axis=inits",
+                                        f"--out_dir={tmp_path / 'refused'}"],
+                           port=free_port(), check=False):
         assert p.returncode != 0
-        assert "use --shard_axis=data (or auto)" in o + e
+        assert "use --shard_axis=data (or auto)" in p.stdout + p.stderr
     assert not (tmp_path / "refused").exists()
