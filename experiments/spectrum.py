@@ -22,6 +22,13 @@ chunks/chunk_<snapshot>_000001.npz: each snapshot's analysis is saved as soon as
 a killed run, rerun with the same command, analyses only the snapshots still missing and writes
 the same files as an uninterrupted run.
 
+Devices and processes (crit.data_parallel, BUILD.md): one init on several devices takes the data
+axis (``--shard_axis=auto``): every full-data loss, gradient and HVP is summed over the devices'
+shares of the rows, which enter the compiled programs as sharded arguments. On many processes
+(the cluster flags, e.g. ``--distributed_auto`` under SLURM) every process computes every
+snapshot and only process 0 writes; training with state (BatchNorm) or ``--batch_size`` runs on
+one device of each process and every process takes process 0's snapshots.
+
 Column names say what a number is. SLQ estimates end in ``_est`` (``min_ratio_est``,
 ``index_est``, ``null_fraction_est``) next to their intervals ``_lo``/``_hi``; ``lambda_min``
 and ``lambda_max`` are the extremal Ritz values of one Lanczos run (with ``*_converged``
