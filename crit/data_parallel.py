@@ -207,6 +207,15 @@ def shard_data(problem: Problem, mesh: Mesh | None = None) -> Problem:
                             with_data=with_data)
 
 
+def shard_over_every_device(problem: Problem) -> tuple[Problem, Mesh, NamedSharding]:
+    """(``shard_data(problem)`` over :func:`data_mesh`, that mesh, the replicated sharding):
+    the data axis as an app sets it up — the rows over every device of every process, and the
+    sharding that places θ, keys, state and results on all of them (``in_shardings`` /
+    ``out_shardings`` of :func:`jit_with_data`)."""
+    mesh = data_mesh()
+    return shard_data(problem, mesh), mesh, NamedSharding(mesh, PartitionSpec())
+
+
 class DataBound:
     """A function compiled with a problem's data as arguments (:func:`jit_with_data`).
 
@@ -327,4 +336,5 @@ def check_memory(needed: int, budget: int, *, lanczos_flag: str = "--lanczos_ste
 
 
 __all__ = ["DATA_AXIS", "SHARD_AXES", "DataLayout", "data_mesh", "data_layout", "shard_data",
-           "DataBound", "jit_with_data", "summation_fingerprint", "replicate", "choose_shard_axis", "device_memory_bytes", "check_memory"]
+           "shard_over_every_device", "DataBound", "jit_with_data", "summation_fingerprint",
+           "replicate", "choose_shard_axis", "device_memory_bytes", "check_memory"]

@@ -445,14 +445,10 @@ def main(argv):
             "--shard_axis=data (or auto with fewer configurations than devices)")
     print(shard_line(axis, why, problem), flush=True)
     shardings = None
-    if axis == "data":
-        from jax.sharding import NamedSharding, PartitionSpec
+    if axis == "data":  # shardings: θ, keys and results on every device
+        from crit.data_parallel import shard_over_every_device
 
-        from crit.data_parallel import data_mesh, shard_data
-
-        mesh = data_mesh()
-        problem = shard_data(problem, mesh)
-        shardings = NamedSharding(mesh, PartitionSpec())  # θ, keys and results: everywhere
+        problem, _, shardings = shard_over_every_device(problem)
     out_dir = Path(FLAGS.out_dir)
     sweep = sweep_mode()
     lead = jax.process_index() == 0

@@ -372,9 +372,9 @@ def main(argv):
         raise app.UsageError("\n".join(axis_problems))
     print(krylov_flags.shard_line(axis, why, problem), flush=True)
     if axis == "data":
-        from crit.data_parallel import data_mesh, shard_data
+        from crit.data_parallel import shard_over_every_device
 
-        problem, mesh = shard_data(problem), data_mesh()
+        problem, mesh, _ = shard_over_every_device(problem)
     else:
         mesh = local_mesh()
     try:

@@ -654,14 +654,10 @@ def main(argv):
         raise app.UsageError("\n".join(problems))
     print(krylov_flags.shard_line(axis, why, problem), flush=True)
     shardings = None
-    if axis == "data":
-        from jax.sharding import NamedSharding, PartitionSpec
+    if axis == "data":  # shardings: θ, state and results on every device
+        from crit.data_parallel import shard_over_every_device
 
-        from crit.data_parallel import data_mesh, shard_data
-
-        mesh = data_mesh()
-        problem = shard_data(problem, mesh)
-        shardings = NamedSharding(mesh, PartitionSpec())  # θ, state and results: everywhere
+        problem, _, shardings = shard_over_every_device(problem)
     dense = compare_dense(problem.n_params)
     snapshots = parse_snapshots(FLAGS.snapshots, FLAGS.train_steps)
     out_dir = Path(FLAGS.out_dir)
