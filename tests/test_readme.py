@@ -5,6 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+LIBRARY = (ROOT / "docs" / "library.md").read_text()   # the Library API examples the README links
 
 
 def test_ci_runs_the_readme_test_command():
@@ -22,10 +23,11 @@ def test_readme_opens_with_the_main_experiment_command():
 def test_library_api_examples_run(capsys):
     section = README.split("## Library API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert blocks
+    more = re.findall(r"```python\n(.*?)```", LIBRARY, re.S)
+    assert blocks and more
     namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+    for name, block in [("README.md", b) for b in blocks] + [("docs/library.md", b) for b in more]:
+        exec(compile(block, name, "exec"), namespace)
     out = capsys.readouterr().out
     assert "[-2.  2.] 1 1 0" in out
     assert "saddle_proven True" in out
