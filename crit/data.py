@@ -322,3 +322,36 @@ def load_data_file(path: str | Path, n_points: int | None = None) -> Dataset:
     if n_points is not None:
         x, y = x[:n_points], y[:n_points]
     return Dataset(path.stem, x, y, x_test, y_test, task, int(n_out))
+
+
+def load_xy_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x_train, y_train)`` of an ``.npz`` as they are, for a loss of the user's own whose
+    targets need not be labels or regression targets (e.g. next-token ids of shape (n, L)).
+
+    Read with ``allow_pickle=False``; the other keys of :func:`load_data_file` are allowed and
+    ignored. Raises :class:`DataFileError` for a missing file or key, mismatched rows, no rows,
+    non-numeric arrays, or NaN/inf.
+    """
+    path = Path(path)
+    where = f"--data_file={path}"
+    if not path.is_file():
+        raise DataFileError(f"{where}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k in ("x_train", "y_train")}
+    except Exception as exc:
+        raise DataFileError(f"{where}: cannot be read as .npz without pickle ({exc})") from None
+    for key in ("x_train", "y_train"):
+        if key not in arrays:
+            raise DataFileError(f"{where}: missing key '{key}'")
+        arr = arrays[key]
+        if arr.dtype.kind not in "fiub" or arr.ndim == 0:
+            raise DataFileError(f"{where}: key '{key}' must be a numeric array with one row per "
+                                f"example, got {arr.dtype} of shape {arr.shape}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise DataFileError(f"{where}: key '{key}' contains NaN or inf")
+    x, y = arrays["x_train"], arrays["y_train"]
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise DataFileError(f"{where}: 'x_train' has {x.shape[0]} rows and 'y_train' "
+                            f"{y.shape[0]}; need the same, at least one")
+    return x, y

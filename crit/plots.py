@@ -179,3 +179,121 @@ def toy_escape_figure(t, loss_along, quadratic, loss_path, out_dir, lam=-2.0, lr
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return save_figure(fig, out_dir, stem)
+
+
+# --------------------------------------------------------------------------- analysis reports
+# Figures of crit.analysis.PointReport records (experiments.analyze): one row or panel per point.
+
+
+def _ritz_rug(point, rel_residual: float = 1e-6) -> np.ndarray:
+    """Extremal eigenvalues / Ritz values whose residual is ≤ rel_residual·max|λ|: each lies
+    within its residual of a true eigenvalue (Parlett 1998, §11.5)."""
+    values = np.concatenate([point.largest, point.smallest])
+    residuals = np.concatenate([point.largest_residuals, point.smallest_residuals])
+    ok = np.isfinite(values)
+    values, residuals = values[ok], residuals[ok]
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    return np.unique(values[residuals <= rel_residual * scale])
+
+
+def report_density_figure(points, out_dir, title: str, stem: str = "density") -> list[Path]:
+    """Per point: the eigenvalue density on a linear λ axis (log-scaled density) and the
+    density of log10|λ| for λ > τ and λ < −τ; exact eigenvalues as histograms (dense), SLQ
+    curves (Krylov); converged extremal Ritz values as a rug."""
+    fig, axes = plt.subplots(len(points), 2, figsize=(11, 3.0 * len(points)), squeeze=False)
+    for (ax_lin, ax_log), p in zip(axes, points):
+        rug = _ritz_rug(p)
+        tau = p.tolerance
+        if p.eigenvalues is not None:
+            eigs = p.eigenvalues
+            ax_lin.hist(eigs, bins=min(120, max(10, eigs.size // 2)), density=True,
+                        color="tab:gray", alpha=0.6, log=True,
+                        label=f"exact eigenvalues (P = {p.n_params})")
+            lo_edge, hi_edge = float(np.log10(max(tau, 1e-300))), float(
+                np.log10(max(np.max(np.abs(eigs)), 1e-300))) + 0.5
+            for sign, color in ((1, "tab:red"), (-1, "tab:green")):
+                sel = sign * eigs > tau
+                if sel.any():
+                    ax_log.hist(np.log10(sign * eigs[sel]), bins=60, range=(lo_edge, hi_edge),
+                                weights=np.full(sel.sum(), 1.0 / eigs.size)
+                                / ((hi_edge - lo_edge) / 60), color=color, alpha=0.4,
+                                label=f"{'λ > τ' if sign > 0 else 'λ < −τ'}: {sel.sum()}")
+        else:
+            d = p.density
+            ax_lin.semilogy(d["grid"], np.maximum(d["density"], 1e-12), color="tab:blue",
+                            lw=1.0, label="SLQ density (estimate)")
+            for sign, color in ((1, "tab:red"), (-1, "tab:green")):
+                ax_log.plot(d["log_grid"], d["log_density_pos" if sign > 0 else
+                                              "log_density_neg"], color=color, lw=1.0,
+                            label=f"SLQ, {'λ > τ' if sign > 0 else 'λ < −τ'}")
+        ax_lin.axvline(0.0, color="k", lw=0.5)
+        bottom = ax_lin.get_ylim()[0]
+        if rug.size:
+            ax_lin.plot(rug, np.full(rug.size, bottom * 3), "|", color="tab:orange", ms=12,
+                        mew=1.2, label=f"extremal eigenvalues ({rug.size}, converged)")
+        for sign, color in ((1, "tab:red"), (-1, "tab:green")):
+            top = sign * rug[sign * rug > tau]
+            if top.size:
+                ax_log.plot(np.log10(top), np.zeros(top.size), "|", color=color, ms=12, mew=1.2)
+        ax_lin.set_xlabel("λ")
+        ax_lin.set_ylabel("density")
+        ax_lin.legend(fontsize=7, loc="upper right")
+        ax_lin.set_title(f"{p.label}: loss {p.loss:.4g}, ‖∇L‖ {p.grad_norm:.2g}, "
+                         f"λ ∈ [{p.lambda_min:.3g}, {p.lambda_max:.3g}], {p.verdict}", fontsize=8)
+        ax_log.set_xlabel("log10 |λ|   (left edge: τ)")
+        ax_log.set_ylabel("fraction per decade")
+        ax_log.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, stem)
+
+
+def report_fractions_figure(points, out_dir, title: str, stem: str = "sign_fractions",
+                            resolve_width: float = 0.05) -> list[Path]:
+    """Per point: fractions of eigenvalues above τ, below −τ and within ±τ against τ/max|λ|
+    (bands: the intervals; dotted where wider than ``resolve_width``, i.e. unresolved)."""
+    fig, axes = plt.subplots(1, len(points), figsize=(4.4 * len(points), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], points):
+        scale = max(abs(p.lambda_min), abs(p.lambda_max), 1e-300)
+        rel = np.asarray(p.grid_tolerance) / scale
+        for name, color, label in (("min_ratio", "tab:blue", "λ > τ (min ratio)"),
+                                   ("index", "tab:red", "λ < −τ (index)"),
+                                   ("null_fraction", "tab:gray", "|λ| ≤ τ (null)")):
+            est, lo, hi = np.moveaxis(np.asarray(p.grid_fractions[name]), -1, 0)
+            ax.fill_between(rel, lo, hi, color=color, alpha=0.25, lw=0)
+            sharp = (hi - lo) <= resolve_width
+            ax.plot(rel, np.where(sharp, est, np.nan), "-", color=color, lw=1.2, label=label)
+            ax.plot(rel, np.where(sharp, np.nan, est), ":", color=color, lw=1.0)
+        ax.axvline(p.tolerance / scale, color="k", lw=0.6, ls="--")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("τ / max|λ|   (dashed: τ reported)")
+        ax.set_ylabel("fraction of eigenvalues")
+        ax.set_title(f"{p.label} ({'exact' if p.method == 'dense' else 'SLQ, dotted: unresolved'})",
+                     fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="center left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, stem)
+
+
+def escape_profile_figure(points, out_dir, title: str, stem: str = "escape") -> list[Path]:
+    """At each point where H has a proven negative eigenvalue λ with unit vector y: the loss
+    along θ + t·y beside the quadratic model L + ½λt²."""
+    points = [p for p in points if p.escape_t is not None]
+    if not points:
+        return []
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], points):
+        ax.plot(p.escape_t, p.escape_loss, "-", color="tab:blue", lw=1.4, label="L(θ + t·y)")
+        ax.plot(p.escape_t, p.escape_quadratic, "--", color="tab:red", lw=1.0,
+                label=f"L + ½λt², λ = {p.lambda_min:.3g}")
+        ax.set_xlabel("t (along the escape direction y)")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{p.label}: {p.verdict}", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, stem)

@@ -47,6 +47,22 @@ decide). Krylov runs never claim ``minimum``: they cannot see every eigenvalue.
 A point without a gradient certificate gets ``not critical`` whatever its curvature
 (``negative_proven`` still says whether H has a certainly negative eigenvalue there).
 
+**What is proven, and about which point.** Everything above is about H(θ) at the computed
+point θ, and those statements are proofs: ``negative_proven`` (:math:`r + \delta < 0`),
+``lambda_min_bound``, and, dense, the exact eigenvalues at τ. The question, though, is about the
+critical point :math:`\theta^*` (∇L = 0) near θ, where :math:`\lVert\nabla L(\theta)\rVert
+\le` 1e-8, not 0; near a manifold of critical points (a valley of minima, a symmetry) the
+eigenvalue that vanishes at :math:`\theta^*` is :math:`O(\lVert\nabla L\rVert)` at θ, of either
+sign, far above τ ≈ 1e-15 (issue 24: the lecture toy 3e-9 off its valley reads
+``saddle_proven`` on one side and ``minimum`` on the other). :func:`crit.nearby.critical_point_verdict`
+therefore keeps ``saddle_proven`` / ``minimum`` only where :math:`|\lambda| > \delta` +
+``margin``, with a margin for the distance to :math:`\theta^*` from one Newton-MR step
+(:func:`crit.nearby.nearby_margin`), and says ``degenerate`` otherwise; the protocol and the
+apps report that code. The margin is an ESTIMATE (first-order perturbation along the Newton
+step, with a factor 2 of safety), not a bound: a verdict about the critical point is as strong
+as that estimate, while ``negative_proven`` stays a proof about H(θ). ``Verdict.margin``
+records the margin used (0: a verdict about H(θ) alone).
+
 References
 ----------
 - J. Kuczynski, H. Wozniakowski (1992). Estimating the largest eigenvalue by the power and
@@ -71,7 +87,7 @@ SADDLE_PROVEN, MINIMUM, DEGENERATE, NO_NEGATIVE_FOUND, NOT_CRITICAL = range(len(
 VERDICT_TEXT = {
     "saddle_proven": "saddle (proven)",
     "minimum": "minimum (all eigenvalues > τ)",
-    "degenerate": "degenerate (none < −τ, some |λ| ≤ τ)",
+    "degenerate": "degenerate (none < −τ − margin, some |λ| ≤ τ + margin)",
     "no_negative_found": "no negative eigenvalue found",
     "not_critical": "not critical (no gradient certificate)",
 }
@@ -103,6 +119,10 @@ class Verdict(NamedTuple):
     """The probability ``excluded_below`` is stated at (dense: 0)."""
     allowance: jnp.ndarray
     r"""Rounding allowance :math:`\delta` (dense: :math:`\tau`)."""
+    margin: jnp.ndarray = 0.0
+    r"""Allowance for the distance to the nearby critical point
+    (:func:`crit.nearby.critical_point_verdict`; an estimate): the code's sign claim holds
+    only if :math:`|\lambda| > \delta +` ``margin``. 0: the verdict is about H(θ) itself."""
 
 
 def kw_failure_probability(dim: int, krylov_degree, rel_error) -> jnp.ndarray:
@@ -175,7 +195,8 @@ def krylov_verdict(rayleigh_min, residual, allowance, ritz_max_bound, dim: int, 
                    lambda_min_bound=rayleigh_min + allowance, ritz_value=rayleigh_min,
                    ritz_residual=residual, excluded_below=jnp.where(negative, jnp.nan, eta),
                    miss_probability=jnp.where(exhausted, 0.0, miss_probability),
-                   allowance=jnp.asarray(allowance, jnp.float64))
+                   allowance=jnp.asarray(allowance, jnp.float64),
+                   margin=jnp.zeros_like(jnp.asarray(rayleigh_min, jnp.float64)))
 
 
 def dense_verdict(eigenvalues, tolerance, critical=True) -> Verdict:
@@ -191,7 +212,8 @@ def dense_verdict(eigenvalues, tolerance, critical=True) -> Verdict:
     return Verdict(code=code.astype(jnp.int32), negative_proven=negative,
                    lambda_min_bound=lam + tau, ritz_value=lam, ritz_residual=jnp.zeros_like(lam),
                    excluded_below=jnp.where(negative, jnp.nan, tau),
-                   miss_probability=jnp.zeros_like(lam), allowance=tau)
+                   miss_probability=jnp.zeros_like(lam), allowance=tau,
+                   margin=jnp.zeros_like(lam))
 
 
 def with_criticality(verdict: Verdict, critical) -> Verdict:
