@@ -32,10 +32,16 @@ gradient. :func:`certify_top` turns the climbing image into a claim with evidenc
    * ``no_barrier`` -- the band's highest image is not above the higher end by more than
      ``barrier_tol``: there is no interior maximum, and no saddle is reported (fields NaN);
    * ``not_converged`` -- no gradient certificate (whatever the curvature);
-   * ``index_1_saddle`` -- exactly one eigenvalue < −τ and none within ±τ;
+   * ``index_1_saddle`` -- exactly one eigenvalue < −τ and none within ±τ, and the two that
+     decide it clear the margin for the distance to the critical point too:
+     :math:`\lambda_0 < -(\tau + m)` and :math:`\lambda_1 > \tau + m` (Lanczos: with their
+     residuals added), where m is the larger :func:`crit.nearby.nearby_margins` margin of
+     the eigen/Ritz vectors of :math:`\lambda_0` and :math:`\lambda_1` (an estimate: the
+     refined point has ∇L ≈ 1e-10, not 0, and near a degenerate pass an eigenvalue of the
+     size of the gradient can take either sign);
    * ``higher_index`` -- two or more eigenvalues < −τ;
    * ``degenerate`` -- at most one eigenvalue < −τ and some within ±τ (the second-order test
-     is inconclusive);
+     is inconclusive), or an index-1 count whose λ_0 or λ_1 is within τ + m of zero;
    * ``drifted_to_minimum`` -- every eigenvalue > τ: Newton slid off the pass into a minimum.
 
 The barrier after refinement is :math:`L(\theta_s) - \max(L(\theta_a), L(\theta_b))`.
@@ -64,6 +70,7 @@ import optax
 from crit.critical import CRITICAL, certify, newton_critical_point
 from crit.hessian import dense_hessian, hvp_operator
 from crit.lanczos import extremal_eigenpairs
+from crit.nearby import nearby_margins
 from crit.newton_mr import newton_mr_critical_point
 from crit.paths import Band, barrier_height
 from crit.spectrum import default_tolerance
@@ -85,7 +92,9 @@ class SaddleCertificate(NamedTuple):
     Ritz values); ``eigenvalues`` (all P ascending when dense, else the ``lanczos_k`` smallest
     Ritz values, NaN-padded to P); ``barrier`` L(θ_s) − max(L_a, L_b); ``displacement``
     ‖θ_s − θ_climb‖; ``label`` a :data:`SADDLE_LABELS` code; ``dense`` whether the spectrum is
-    exact. Saddle fields are NaN when ``label`` is ``no_barrier``.
+    exact; ``margin`` the allowance for the distance to the critical point that λ_0 and λ_1
+    had to clear on top of τ for ``index_1_saddle`` (:mod:`crit.nearby`, an estimate).
+    Saddle fields are NaN when ``label`` is ``no_barrier``.
     """
 
     theta: Array
@@ -103,23 +112,27 @@ class SaddleCertificate(NamedTuple):
     displacement: Array
     label: Array
     dense: Array
+    margin: Array
 
 
-def saddle_label(critical, n_neg, n_null, has_barrier) -> Array:
-    """The :data:`SADDLE_LABELS` code from the certificate and the eigenvalue counts."""
+def saddle_label(critical, n_neg, n_null, has_barrier, clears_margin=True) -> Array:
+    """The :data:`SADDLE_LABELS` code from the certificate and the eigenvalue counts;
+    ``clears_margin`` False turns an index-1 count into ``degenerate`` (the two eigenvalues
+    that decide it are within τ + margin of zero, see the module docstring)."""
+    index_1 = jnp.where(clears_margin, INDEX_1_SADDLE, DEGENERATE)
     code = jnp.where(n_neg >= 2, HIGHER_INDEX,
                      jnp.where(n_null > 0, DEGENERATE,
-                               jnp.where(n_neg == 1, INDEX_1_SADDLE, DRIFTED_TO_MINIMUM)))
+                               jnp.where(n_neg == 1, index_1, DRIFTED_TO_MINIMUM)))
     code = jnp.where(critical, code, NOT_CONVERGED)
     return jnp.where(has_barrier, code, NO_BARRIER).astype(jnp.int32)
 
 
 def _dense_counts(energy_fn, theta, eig_tol):
-    lam = jnp.linalg.eigvalsh(dense_hessian(energy_fn, theta))
+    lam, vec = jnp.linalg.eigh(dense_hessian(energy_fn, theta))
     tau = default_tolerance(lam) if eig_tol is None else jnp.asarray(eig_tol, lam.dtype)
     n_neg = jnp.sum(lam < -tau)
     n_null = jnp.sum(jnp.abs(lam) <= tau)
-    return lam, tau, n_neg, n_null, jnp.max(jnp.abs(lam))
+    return lam, tau, n_neg, n_null, jnp.max(jnp.abs(lam)), vec[:, :2].T, jnp.zeros(2)
 
 
 def _lanczos_counts(energy_fn, theta, eig_tol, key, num_steps, k):
@@ -135,7 +148,8 @@ def _lanczos_counts(energy_fn, theta, eig_tol, key, num_steps, k):
     n_neg = jnp.sum(ok & (small.values + small.residuals < -tau))
     n_null = jnp.sum(ok & (jnp.abs(small.values) <= tau + small.residuals))
     lam = jnp.full((p,), jnp.nan, theta.dtype).at[:k].set(small.values)
-    return lam, tau, n_neg, n_null, scale
+    two = jnp.arange(2) % k  # the vectors and residuals of λ_0, λ_1 (k = 1: λ_0 twice)
+    return lam, tau, n_neg, n_null, scale, small.vectors[two], small.residuals[two]
 
 
 class FollowResult(NamedTuple):
@@ -236,18 +250,23 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
                                           grad_tol).theta
         found = newton_critical_point(energy_fn, start, max_iters=max_iters,
                                       grad_tol=grad_tol)
-        lam, tau, n_neg, n_null, hnorm = _dense_counts(energy_fn, found.params, eig_tol)
+        lam, tau, n_neg, n_null, hnorm, ys, rho = _dense_counts(energy_fn, found.params,
+                                                                eig_tol)
     else:
         found = newton_mr_critical_point(energy_fn, theta_top, max_iters=max_iters,
                                          minres_iters=minres_iters, grad_tol=grad_tol)
         key = jax.random.PRNGKey(0) if key is None else key
         steps = min(lanczos_steps, p)
-        lam, tau, n_neg, n_null, hnorm = _lanczos_counts(energy_fn, found.params, eig_tol, key,
-                                                         steps, min(lanczos_k, steps))
+        lam, tau, n_neg, n_null, hnorm, ys, rho = _lanczos_counts(
+            energy_fn, found.params, eig_tol, key, steps, min(lanczos_k, steps))
     cert = certify(energy_fn, found.params, hnorm, grad_tol)
     critical = cert.status == CRITICAL
     has_barrier = jnp.asarray(has_barrier)
-    label = saddle_label(critical, n_neg, n_null, has_barrier)
+    margin = jnp.max(nearby_margins(energy_fn, found.params, ys,
+                                    minres_iters=minres_iters).margin)
+    clears = ((lam[0] + rho[0] < -(tau + margin))
+              & (jnp.nan_to_num(lam[1], nan=jnp.inf) - rho[1] > tau + margin))
+    label = saddle_label(critical, n_neg, n_null, has_barrier, clears)
     nan = jnp.asarray(jnp.nan, theta_top.dtype)
     keep = lambda x: jnp.where(has_barrier, x, nan)  # noqa: E731
     return SaddleCertificate(
@@ -258,7 +277,7 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
         eigenvalues=jnp.where(has_barrier, lam, nan),
         barrier=keep(cert.loss - jnp.max(end_losses)),
         displacement=keep(jnp.linalg.norm(found.params - theta_top)), label=label,
-        dense=jnp.asarray(dense))
+        dense=jnp.asarray(dense), margin=keep(margin))
 
 
 class Connection(NamedTuple):

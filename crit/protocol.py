@@ -6,7 +6,11 @@ For init ``i`` (REFERENCES §3, homework 1-2-3):
 2. train with optax for ``train_steps`` full-batch steps (float64, or float32 if asked),
 3. refine to a critical point in float64 with the chosen finder,
 4. exact Hessian of the full-batch loss, symmetrized, all eigenvalues by ``eigvalsh``,
-5. certify (‖g‖ ≤ grad_tol) and classify eigenvalues with tolerance τ.
+5. certify (‖g‖ ≤ grad_tol) and classify eigenvalues with tolerance τ,
+6. the verdict: proven about H(θ) (``negative_proven``), and about the critical point near θ
+   only where λ_min clears τ plus the margin for the distance to it (:mod:`crit.nearby`, an
+   estimate from one Newton-MR step of ``minres_iters`` HVPs; ``verdict_margin``, and
+   ``curvature_ratio`` = |λ_min| / ‖∇L‖).
 
 :func:`analyze_init` does this for one init id; :func:`make_chunk_fn` runs a chunk of ids as
 groups of ``vmap_width`` vmapped inits under ``jit``. Init ``i`` always gets the same key and runs
@@ -23,6 +27,7 @@ import numpy as np
 
 from crit.critical import CRITICAL, certify, find_critical_point
 from crit.hessian import dense_hessian
+from crit.nearby import critical_point_verdict, nearby_margin
 from crit.problems import Problem
 from crit.spectrum import classify_spectrum
 from crit.train import cast_params, make_optimizer, train, train_model
@@ -84,6 +89,8 @@ class InitRecord(NamedTuple):
     verdict: jax.Array
     negative_proven: jax.Array
     lambda_min_bound: jax.Array
+    verdict_margin: jax.Array      # allowance for the distance to ∇L = 0 (crit.nearby)
+    curvature_ratio: jax.Array     # |λ_min| / ‖∇L‖ (inf at ‖∇L‖ = 0)
     eigenvalues: jax.Array         # (P,) ascending, raw
     curve_loss: jax.Array          # training loss every log_every steps
     curve_grad_norm: jax.Array     # training gradient norm every log_every steps
@@ -126,6 +133,8 @@ class KrylovInitRecord(NamedTuple):
     verdict: jax.Array
     negative_proven: jax.Array
     lambda_min_bound: jax.Array
+    verdict_margin: jax.Array      # allowance for the distance to ∇L = 0 (crit.nearby)
+    curvature_ratio: jax.Array     # |λ_min| / ‖∇L‖ (inf at ‖∇L‖ = 0)
     ritz_min_residual: jax.Array
     negative_excluded_below: jax.Array
     num_deflated: jax.Array
@@ -198,7 +207,7 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
     loss_fn = problem.bind_state(cast_params(state, spectrum_dtype))
     found = find_critical_point(loss_fn, cast_params(params, spectrum_dtype), cfg.finder,
                                 cfg.grad_tol, **finder_kwargs(cfg))
-    eigenvalues = jnp.linalg.eigvalsh(dense_hessian(loss_fn, found.params))
+    eigenvalues, eigenvectors = jnp.linalg.eigh(dense_hessian(loss_fn, found.params))
     # τ from the spectrum's own precision (P·ε₃₂·max|λ| for float32), then stored as float64
     summary = classify_spectrum(eigenvalues, cfg.eig_tol)
     summary = summary._replace(tolerance=summary.tolerance.astype(jnp.float64),
@@ -210,6 +219,11 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
     cert = certify(problem.bind_state(state), cast_params(found.params, jnp.float64),
                    jnp.max(jnp.abs(eigenvalues)), cfg.grad_tol, cfg.flat_tol)
     verdict = dense_verdict(eigenvalues, summary.tolerance, cert.status == CRITICAL)
+    # the critical point near θ: the margin is estimated in float64 whatever spectrum_dtype
+    margin = nearby_margin(problem.bind_state(state), cast_params(found.params, jnp.float64),
+                           eigenvectors[:, 0].astype(jnp.float64),
+                           minres_iters=cfg.minres_iters)
+    verdict = critical_point_verdict(verdict, margin)
     return InitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
@@ -223,6 +237,7 @@ def analyze_init(problem: Problem, cfg: ProtocolConfig, init_id):
         lambda_min=summary.lambda_min, lambda_max=summary.lambda_max,
         tolerance=summary.tolerance, verdict=verdict.code,
         negative_proven=verdict.negative_proven, lambda_min_bound=verdict.lambda_min_bound,
+        verdict_margin=margin.margin, curvature_ratio=margin.ratio,
         eigenvalues=eigenvalues,
         curve_loss=log.loss.astype(jnp.float64),
         curve_grad_norm=log.grad_norm.astype(jnp.float64),
@@ -284,7 +299,11 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
                            problem.n_params, **krylov_kwargs(cfg))
     norm = jnp.maximum(jnp.abs(spec.lambda_min), jnp.abs(spec.lambda_max))
     cert = certify(loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
-    verdict = with_criticality(spec.verdict, cert.status == CRITICAL)
+    margin = nearby_margin(loss_fn, found.params, spec.escape_direction,
+                           minres_iters=cfg.minres_iters,
+                           hvp_batch=_hvp_batch(problem, cfg, state))
+    verdict = critical_point_verdict(with_criticality(spec.verdict, cert.status == CRITICAL),
+                                     margin)
     return KrylovInitRecord(
         init_id=jnp.asarray(init_id), status=cert.status, loss=cert.loss,
         grad_norm=cert.grad_norm, flatness=cert.flatness,
@@ -299,6 +318,7 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
         lambda_max_converged=spec.lambda_max_converged, tolerance=spec.tolerance,
         tolerance_rel=spec.tolerance_rel, resolved=spec.resolved, verdict=verdict.code,
         negative_proven=verdict.negative_proven, lambda_min_bound=verdict.lambda_min_bound,
+        verdict_margin=margin.margin, curvature_ratio=margin.ratio,
         ritz_min_residual=verdict.ritz_residual,
         negative_excluded_below=verdict.excluded_below, num_deflated=spec.num_deflated,
         num_matvecs=spec.num_matvecs, ritz_largest=spec.largest, ritz_smallest=spec.smallest,

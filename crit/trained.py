@@ -359,6 +359,24 @@ def spec_source_sha256(spec: str | None) -> str | None:
     return hashlib.sha256(source).hexdigest()
 
 
+def parse_hparams(items) -> dict:
+    """['depth=20', 'channels=6,16', 'norm=none'] -> {'depth': 20, 'channels': (6, 16), ...}
+    (values read as Python literals where they parse, else kept as strings)."""
+    import ast
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise TrainedModelError(f"--model_arg={item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        out[key.strip()] = value
+    return out
+
+
 def build_model(spec: str, hparams: dict | None = None, n_outputs: int | None = None,
                 seed: int = 0):
     """Build the model a ``"pkg.mod:attr"`` spec names: a ``flax.linen`` module (instance,
@@ -380,8 +398,9 @@ def build_model(spec: str, hparams: dict | None = None, n_outputs: int | None = 
                                 "class or function")
     is_nnx_class = inspect.isclass(target) and issubclass(target, nnx.Module)
     is_linen_class = inspect.isclass(target) and issubclass(target, nn.Module)
-    try:
-        params = inspect.signature(target).parameters
+    try:  # a class's own __init__ (NNX's metaclass shows *args, **kwargs for the class)
+        params = dict(inspect.signature(target.__init__ if is_nnx_class else target).parameters)
+        params.pop("self", None)
     except (TypeError, ValueError):
         params = {}
     takes = lambda name: name in params or any(  # noqa: E731

@@ -124,8 +124,7 @@ def load_inputs():
 
     from crit.analysis import check_data
     from crit.data import load_data_file, load_xy_file
-    from crit.trained import build_model, trained_from_checkpoint
-    from experiments.model_flags import parse_model_args
+    from crit.trained import build_model, parse_hparams, trained_from_checkpoint
 
     custom_loss = FLAGS.loss not in ("auto", "mse", "xent")
     if custom_loss:
@@ -139,7 +138,7 @@ def load_inputs():
     loss = FLAGS.loss
     if loss == "auto":
         loss = "xent" if np.issubdtype(np.asarray(y).dtype, np.integer) else "mse"
-    model = build_model(FLAGS.model, parse_model_args(FLAGS.model_arg), n_outputs, FLAGS.seed)
+    model = build_model(FLAGS.model, parse_hparams(FLAGS.model_arg), n_outputs, FLAGS.seed)
     trained = trained_from_checkpoint(model, FLAGS.checkpoint, x[:2], FLAGS.batchnorm)
     return trained, check_data((x, y)), loss
 
@@ -147,12 +146,11 @@ def load_inputs():
 def run_config(loss: str, trained) -> dict:
     from crit.checkpoints import checkpoint_sha256
     from crit.trained import spec_source_sha256
-    from experiments.model_flags import data_digest
 
     flag_values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
     protocol = {k: v for k, v in flag_values.items() if k not in NOT_PROTOCOL}
     protocol.update(checkpoint_sha256=checkpoint_sha256(FLAGS.checkpoint),
-                    data_sha256=data_digest(), model_source_sha256=spec_source_sha256(FLAGS.model),
+                    data_sha256=checkpoint_sha256(FLAGS.data_file), model_source_sha256=spec_source_sha256(FLAGS.model),
                     loss_resolved=loss,
                     loss_source_sha256=spec_source_sha256(loss) if ":" in loss else None,
                     model_kind=trained.kind, cast_from=list(trained.cast_from),

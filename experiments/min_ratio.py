@@ -68,13 +68,17 @@ flags.DEFINE_integer("hvp_batch_size", 0, "Data rows per HVP batch (0: all at on
 CSV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params", "n_pos", "n_neg",
                "n_null", "min_ratio", "index", "null_fraction", "nonnull_ratio", "lambda_min",
                "lambda_max", "negative_proven", "lambda_min_bound", "tolerance",
-               "finder_iterations", "flatness", "train_loss", "train_grad_norm")
+               "finder_iterations", "flatness", "train_loss", "train_grad_norm",
+               "verdict_margin", "curvature_ratio")
 # With --hessian=lanczos the fractions are SLQ estimates: their columns end in _est, next to
 # their intervals [_lo, _hi], at τ = tolerance (tolerance_rel·max|θ|); `resolved` says whether
 # the min-ratio and index intervals are at most --resolve_width wide. No integer counts: those
 # exist only for dense spectra. The verdict columns (crit.verdict) are proofs, not estimates:
 # lambda_min_bound is a certified upper bound on λ_min, negative_excluded_below the level η
-# below which an eigenvalue would have been found with probability >= 99%.
+# below which an eigenvalue would have been found with probability >= 99%. They are about
+# H(θ); the verdict code is about the critical point near θ: a saddle or minimum only where
+# λ_min clears τ + verdict_margin (an estimate for the distance to ∇L = 0, crit.nearby), and
+# curvature_ratio = |λ_min| / ‖∇L‖ (O(1): a sign the distance alone may have produced).
 ESTIMATED = ("min_ratio", "index", "null_fraction")
 KRYLOV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params",
                   "negative_proven", "lambda_min_bound", "ritz_min_residual",
@@ -83,7 +87,7 @@ KRYLOV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params
                   "null_fraction_hi", "resolved", "tolerance", "tolerance_rel", "lambda_min",
                   "lambda_max", "lambda_min_converged", "lambda_max_converged",
                   "num_deflated", "finder_iterations", "num_matvecs", "flatness",
-                  "train_loss", "train_grad_norm")
+                  "train_loss", "train_grad_norm", "verdict_margin", "curvature_ratio")
 
 
 def validate() -> None:

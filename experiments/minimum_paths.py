@@ -11,7 +11,8 @@ hidden layers of width w is built on the data flags (default: 48 Gaussian points
 ``fold_in(fold_in(PRNGKey(seed), w), i)``, are trained with ``--optimizer`` for
 ``--train_steps`` full-batch steps (vmapped), refined by damped Newton (crit.critical) and
 certified: ‖∇L‖ ≤ ``--grad_tol`` and the dense float64 Hessian's verdict at tolerance τ
-(crit.verdict.dense_verdict). Pair k joins inits 2k and 2k + 1. With ``--align=weights`` the
+(crit.verdict.dense_verdict), about the critical point near the refined one: ``minimum`` only
+where λ_min > τ + the margin for the distance to ∇L = 0 (crit.nearby, an estimate). Pair k joins inits 2k and 2k + 1. With ``--align=weights`` the
 second network is also permuted to match the first by weight matching (crit.align), and both
 versions are kept. For every pair (and alignment) the app evaluates the loss on the straight
 line (Goodfellow et al. 2015), relaxes a climbing-image nudged elastic band from that line
@@ -55,6 +56,7 @@ from crit.mountain_pass import (INDEX_1_SADDLE, SADDLE_LABELS, certify_band_top,
 from crit.problems import flatten
 from crit.spectrum import default_tolerance
 from crit.train import make_optimizer, train
+from crit.nearby import critical_point_verdict, nearby_margin
 from crit.verdict import dense_verdict, verdict_names
 
 FLAGS = flags.FLAGS
@@ -229,14 +231,20 @@ def certify_minima(energy_fn, thetas):
     def one(theta):
         found = newton_critical_point(energy_fn, theta, max_iters=FLAGS.finder_steps or
                                       FINDER_STEPS, grad_tol=FLAGS.grad_tol)
-        lam = jnp.linalg.eigvalsh(dense_hessian(energy_fn, found.params))
+        lam, vec = jnp.linalg.eigh(dense_hessian(energy_fn, found.params))
         tau = default_tolerance(lam) if eig_tol is None else jnp.asarray(eig_tol, lam.dtype)
         cert = certify(energy_fn, found.params, jnp.max(jnp.abs(lam)), FLAGS.grad_tol)
-        verdict = dense_verdict(lam, tau, cert.status == CRITICAL)
+        # a minimum of the critical point near θ, not only of H(θ): λ_min must clear τ plus
+        # the margin for the distance to ∇L = 0 (crit.nearby), else "degenerate"
+        margin = nearby_margin(energy_fn, found.params, vec[:, 0],
+                               minres_iters=min(lam.shape[0], 200))
+        verdict = critical_point_verdict(dense_verdict(lam, tau, cert.status == CRITICAL),
+                                         margin)
         return dict(theta=found.params, loss=cert.loss, grad_norm=cert.grad_norm,
                     status=cert.status, verdict=verdict.code, n_neg=jnp.sum(lam < -tau),
                     n_null=jnp.sum(jnp.abs(lam) <= tau), lambda_min=lam[0], lambda_max=lam[-1],
-                    eigenvalues=lam)
+                    eigenvalues=lam, verdict_margin=margin.margin,
+                    curvature_ratio=margin.ratio)
 
     out = jax.jit(jax.vmap(one))(thetas)
     return {k: np.asarray(v) for k, v in out.items()}

@@ -10,12 +10,12 @@ the data's shape) before any compute.
 
 from __future__ import annotations
 
-import ast
 import sys
 
 from absl import flags
 
 from crit.models import MODELS, model_names
+from crit.trained import parse_hparams as parse_model_args  # noqa: F401
 
 FLAGS = flags.FLAGS
 
@@ -36,22 +36,6 @@ flags.DEFINE_integer("eval_batch_size", 0, "Rows per batch of the full-data loss
                      "n_b/N weights.")
 
 MLP_FLAGS = ("widths", "activation", "use_bias")
-
-
-def parse_model_args(items) -> dict:
-    """['depth=20', 'channels=6,16', 'norm=none'] -> {'depth': 20, 'channels': (6, 16), ...}."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--model_arg={item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        out[key] = value
-    return out
 
 
 def model_errors() -> list[str]:

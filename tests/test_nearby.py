@@ -150,3 +150,20 @@ def test_nearby_margin_vmaps_like_a_loop():
     for i in range(len(ws)):
         one = nearby_margin(toy.toy_loss, ws[i], ys[i])
         np.testing.assert_allclose(batched.margin[i], one.margin, rtol=1e-9)
+
+
+def test_mountain_pass_with_a_quartic_direction_is_degenerate_not_index_1():
+    """f = −x² + y⁴: the pass at the origin is degenerate along y. Newton stops at y ~ 3e-4
+    (‖∇f‖ ≤ 1e-10), where f_yy = 12y² ~ 1e-6 ≫ τ: the counts alone say index 1; the margin
+    for the distance to the critical point does not. The toy's pass stays index 1."""
+    from crit.mountain_pass import certify_top, label_names
+
+    f = lambda t: -t[0] ** 2 + t[1] ** 4  # noqa: E731
+    cert = jax.jit(lambda t: certify_top(f, t, jnp.full(2, -1.0), follow_iters=0))(
+        jnp.array([0.1, 0.1]))
+    assert int(cert.n_neg) == 1 and int(cert.n_null) == 0 and float(cert.grad_norm) <= 1e-8
+    assert label_names(cert.label) == "degenerate"
+    assert float(cert.margin) > float(cert.lambda_next) > float(cert.tolerance)
+    saddle = jax.jit(lambda t: certify_top(toy.toy_loss, t, jnp.zeros(2)))(
+        jnp.array([0.05, -0.03]))
+    assert label_names(saddle.label) == "index_1_saddle" and float(saddle.margin) < 1e-8
