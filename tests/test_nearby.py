@@ -12,8 +12,15 @@ from crit.hessian import dense_hessian, hvp_operator
 from crit.krylov import krylov_spectrum
 from crit.nearby import critical_point_verdict, nearby_margin
 from crit.spectrum import default_tolerance
-from crit.verdict import (DEGENERATE, MINIMUM, NO_NEGATIVE_FOUND, NOT_CRITICAL, SADDLE_PROVEN,
-                          dense_verdict, krylov_verdict)
+from crit.verdict import (
+    DEGENERATE,
+    MINIMUM,
+    NO_NEGATIVE_FOUND,
+    NOT_CRITICAL,
+    SADDLE_PROVEN,
+    dense_verdict,
+    krylov_verdict,
+)
 
 OFF = 3e-9  # distance of the toy points from the valley w1·w2 = 1, relative
 
@@ -77,7 +84,7 @@ def test_a_strongly_convex_minimum_off_by_1e3_stays_a_minimum_after_refinement()
     from crit.critical import newton_critical_point
 
     theta = 1.0 + 1e-3 * jax.random.normal(jax.random.PRNGKey(3), (12,))
-    _, _, m0, near0 = dense_case(convex, theta)  # unrefined: still far inside the margin
+    near0 = dense_case(convex, theta)[3]  # unrefined: still far inside the margin
     assert int(near0.code) == MINIMUM
     found = newton_critical_point(convex, theta, max_iters=20, grad_tol=1e-8)
     assert float(found.grad_norm) < 1e-10
