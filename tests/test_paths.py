@@ -119,10 +119,15 @@ def test_vmap_over_paths_equals_a_loop_and_any_chunk(muller_brown):
     f, bands = paths.muller_brown, muller_brown["bands"]
     one = jax.jit(lambda a, b: paths.relax_band(f, paths.linear_path(a, b, 11), num_steps=1500,
                                                 climb_after=200, force_tol=1e-3))
+    # one path alone is another XLA program than the vmapped batch: on jaxlib 0.10.2 (x86_64,
+    # 2026-12-07) its images differ by up to 1.2e-5 after 1500 steps (rounding amplified by
+    # the optimizer), so bit identity is not claimed; the discrete outcome must agree
     for j in range(2):
         single = one(muller_brown["starts"][j], muller_brown["ends"][j])
-        for got, want in zip(jax.tree.leaves(single), jax.tree.leaves(bands)):
-            np.testing.assert_allclose(got, want[j], rtol=1e-12, atol=1e-12)
+        assert int(single.climbing) == int(bands.climbing[j])
+        assert bool(single.converged) == bool(bands.converged[j])
+        np.testing.assert_allclose(single.images, bands.images[j], atol=1e-4)
+        np.testing.assert_allclose(single.energies, bands.energies[j], rtol=1e-4)
     # one path at a time (lax.map over vmaps of width 1) is another XLA program: rounding
     # differs in the last bits and 1500 optimizer steps amplify it, but not beyond 1e-5, and
     # the certified saddles agree to rounding
