@@ -7,8 +7,10 @@ and its loss. Both return an :class:`AnalysisReport`:
 
 1. **The certificate.** The full-data loss and :math:`\lVert\nabla L(\theta)\rVert`; the point is
    *critical* only if the norm is at most ``grad_tol`` (1e-8).
-2. **Refinement** (``refine=True``): Newton-MR (:func:`crit.newton_mr.newton_mr_critical_point`)
-   from the given point to a nearby critical point, within a budget of iterations. The report
+2. **Refinement** (``refine=True``): from the given point to a nearby critical point within a
+   budget of iterations: damped Newton on the exact Hessian where the spectrum is dense
+   (:func:`crit.critical.newton_critical_point`), Newton-MR on HVPs above
+   (:func:`crit.newton_mr.newton_mr_critical_point`). The report
    gives the distance moved :math:`\lVert\theta_\star - \theta\rVert` and the loss change, and
    analyses both points.
 3. **The verdict with its proof** (:mod:`crit.verdict`). Two statements are kept apart: "H(θ) has
@@ -186,6 +188,8 @@ class Refinement:
     loss_change: float
     """L(θ_refined) − L(θ_given)."""
     iterations: int
+    finder: str
+    """``"damped Newton"`` (dense) or ``"Newton-MR"`` (Krylov)."""
     grad_norm_before: float
     grad_norm_after: float
 
@@ -217,7 +221,7 @@ class AnalysisReport:
             lines.append(f"[{p.label}, {p.method}, P = {p.n_params}] {p.statement()}")
         if self.refinement is not None:
             r = self.refinement
-            lines.append(f"refinement: moved {r.distance:.3g} in {r.iterations} Newton-MR "
+            lines.append(f"refinement: moved {r.distance:.3g} in {r.iterations} {r.finder} "
                          f"iterations, loss change {r.loss_change:+.3g}, ‖∇L‖ "
                          f"{r.grad_norm_before:.3g} -> {r.grad_norm_after:.3g}")
         if self.model.get("cast_from"):
@@ -332,10 +336,14 @@ def _profile_stage(loss2, params, data, direction, ts):
     return loss_along(lambda p: loss2(p, data), params, direction, ts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _refine_stage(loss2, params, data, grad_tol, max_iters, minres_iters):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def _refine_stage(loss2, params, data, grad_tol, max_iters, minres_iters, dense):
+    from crit.critical import newton_critical_point
     from crit.newton_mr import newton_mr_critical_point
 
+    if dense:  # damped Newton on the exact Hessian (the finder min_ratio certifies with)
+        return newton_critical_point(lambda p: loss2(p, data), params, max_iters=max_iters,
+                                     grad_tol=grad_tol)
     return newton_mr_critical_point(lambda p: loss2(p, data), params, max_iters=max_iters,
                                     minres_iters=minres_iters, grad_tol=grad_tol)
 
@@ -449,8 +457,8 @@ def _analyze_one(loss2, params, data, key, label, method, grad_tol, eig_tol, kry
     return point
 
 
-def _refine(loss2, params, data, grad_tol, max_iters, minres_iters):
-    return _refine_stage(loss2, params, data, grad_tol, max_iters, minres_iters)
+def _refine(loss2, params, data, grad_tol, max_iters, minres_iters, dense):
+    return _refine_stage(loss2, params, data, grad_tol, max_iters, minres_iters, dense)
 
 
 def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
@@ -515,8 +523,10 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
     refinement, refined = None, None
     if refine:
         iters = minres_iters or min(n_params, 200)
-        say(f"refining with Newton-MR (at most {refine_iters} iterations of {iters} HVPs)")
-        found = _refine(loss2, params, data, grad_tol, refine_iters, iters)
+        finder = ("damped Newton (exact Hessian)" if method == "dense" else
+                  f"Newton-MR ({iters} HVPs per step)")
+        say(f"refining with {finder}, at most {refine_iters} iterations")
+        found = _refine(loss2, params, data, grad_tol, refine_iters, iters, method == "dense")
         refined = found.params
         moved = float(jnp.linalg.norm(ravel_pytree(refined)[0] - ravel_pytree(params)[0]))
         say(f"analysing the refined point (moved {moved:.3g})")
@@ -525,6 +535,7 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
         points.append(point)
         refinement = Refinement(distance=moved, loss_change=point.loss - points[0].loss,
                                 iterations=int(found.iterations),
+                                finder="damped Newton" if method == "dense" else "Newton-MR",
                                 grad_norm_before=points[0].grad_norm,
                                 grad_norm_after=point.grad_norm)
     info = dict(model_info or {})

@@ -53,9 +53,9 @@ flags.DEFINE_enum("batchnorm", "eval", ["eval", "batch"], "BatchNorm semantics: 
 flags.DEFINE_integer("eval_batch_size", 0, "Rows per batch of the full-data loss (0: all at "
                      "once); exact n_b/N weights.")
 flags.DEFINE_integer("n_points", None, "Use the first n rows of x_train (default: all).")
-flags.DEFINE_bool("refine", False, "Newton-MR from the checkpoint's point to a nearby critical "
-                  "point; both points are analysed.")
-flags.DEFINE_integer("refine_iters", 30, "Newton-MR iterations at most.")
+flags.DEFINE_bool("refine", False, "From the checkpoint's point to a nearby critical point "
+                  "(damped Newton when dense, Newton-MR on HVPs above); both points are analysed.")
+flags.DEFINE_integer("refine_iters", 30, "Refinement iterations at most.")
 flags.DEFINE_integer("minres_iters", 0, "HVPs per Newton-MR step (0: min(P, 200)).")
 flags.DEFINE_float("grad_tol", 1e-8, "Certificate: critical iff ‖∇L‖ ≤ grad_tol.")
 flags.DEFINE_enum("method", "auto", ["auto", "dense", "krylov"], "Spectrum: dense Hessian (P ≤ "
@@ -202,6 +202,9 @@ def write_figures(out_dir: Path, report, title: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
     errors = validate()
     if errors:
         raise app.UsageError("\n".join(errors))
