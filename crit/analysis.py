@@ -49,8 +49,10 @@ from jax.flatten_util import ravel_pytree
 from crit.hessian import dense_hessian, hvp_operator
 from crit.krylov import REL_TOL_GRID, krylov_spectrum
 from crit.nearby import critical_point_verdict, nearby_margin
+from crit.precision import precision_record
 from crit.spectrum import classify_spectrum, default_tolerance
-from crit.verdict import VERDICT_TEXT, VERDICTS, dense_verdict, with_criticality
+from crit.verdict import (NO_NEGATIVE_FOUND, SADDLE_PROVEN, VERDICT_TEXT, VERDICTS,
+                          dense_verdict, with_criticality)
 
 Params = Any
 Array = jax.Array
@@ -59,6 +61,8 @@ DENSE_MAX_PARAMS = 2000
 METHODS = ("auto", "dense", "krylov")
 ESCAPE_POINTS = 41
 DENSITY_POINTS = 2000
+EPS64 = float(np.finfo(np.float64).eps)
+MARGIN_MATVECS = 50 + 3  # crit.nearby.nearby_margin: MINRES step, then y'H(θ+s)y and y'H(θ)y
 LOG_DENSITY_POINTS = 600
 
 
@@ -224,6 +228,11 @@ class AnalysisReport:
             lines.append(f"refinement: moved {r.distance:.3g} in {r.iterations} {r.finder} "
                          f"iterations, loss change {r.loss_change:+.3g}, ‖∇L‖ "
                          f"{r.grad_norm_before:.3g} -> {r.grad_norm_after:.3g}")
+        prec = self.model.get("precision") or {}
+        if prec.get("coarsest_dtype", "float64") != "float64":
+            lines.append(f"the loss is computed partly in {prec['coarsest_dtype']} "
+                         f"({', '.join(prec['compute_dtypes'])}): rounding allowances use ε = "
+                         f"{prec['unit_roundoff']:.2g}")
         if self.model.get("cast_from"):
             lines.append(f"parameters cast from {', '.join(self.model['cast_from'])} to float64")
         return "\n".join(lines)
@@ -362,13 +371,14 @@ def _escape_profile(loss2, params, data, y, lam, loss0, n_points=ESCAPE_POINTS):
     return ts, np.asarray(prof.loss), np.asarray(prof.quadratic)
 
 
-def _dense_point(loss2, params, data, grad_tol, eig_tol, label):
+def _dense_point(loss2, params, data, grad_tol, eig_tol, label, roundoff_scale=1.0):
     theta, unravel = ravel_pytree(params)
 
     loss, gnorm, hess = _dense_stage(loss2, params, data)
     hess = np.asarray(hess, np.float64)
     lam, vec = np.linalg.eigh(hess)
-    tau = float(default_tolerance(jnp.asarray(lam))) if eig_tol is None else float(eig_tol)
+    tau = (float(default_tolerance(jnp.asarray(lam), roundoff_scale)) if eig_tol is None
+           else float(eig_tol))
     certified = bool(gnorm <= grad_tol)
     verdict = dense_verdict(lam, tau, certified)
     y = vec[:, 0]
@@ -400,17 +410,33 @@ def _dense_point(loss2, params, data, grad_tol, eig_tol, label):
         grid_fractions={"min_ratio": fr("min_ratio"), "index": fr("index"),
                         "null_fraction": fr("null_fraction")},
         eigenvalues=lam, nodes=None, weights=None, escape_direction=y, escape_t=None,
-        escape_loss=None, escape_quadratic=None, num_matvecs=int(theta.size), density={})
+        escape_loss=None, escape_quadratic=None,
+        num_matvecs=int(theta.size) + MARGIN_MATVECS, density={})
 
 
-def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw):
+def _with_roundoff(verdict, scale):
+    """The Krylov verdict with its allowance δ for the precision actually used (δ·scale): a
+    negative Rayleigh quotient within the wider δ is no longer a proof."""
+    if scale <= 1.0:
+        return verdict
+    allowance = verdict.allowance * scale
+    negative = verdict.ritz_value + allowance < 0.0
+    code = jnp.where((verdict.code == SADDLE_PROVEN) & ~negative, NO_NEGATIVE_FOUND,
+                     verdict.code)
+    return verdict._replace(code=code.astype(jnp.int32), negative_proven=negative,
+                            lambda_min_bound=verdict.ritz_value + allowance, allowance=allowance)
+
+
+def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
+                  roundoff_scale=1.0):
     theta, _ = ravel_pytree(params)
     dim = int(theta.size)
 
     loss, gnorm, spec, margin, density = _krylov_stage(loss2, params, data, key, dim, eig_tol,
                                               tuple(sorted(krylov_kw.items())))
     certified = bool(gnorm <= grad_tol)
-    verdict = with_criticality(critical_point_verdict(spec.verdict, margin.margin), certified)
+    verdict = _with_roundoff(spec.verdict, roundoff_scale)
+    verdict = with_criticality(critical_point_verdict(verdict, margin.margin), certified)
     gf = spec.grid_fractions
     k = spec.smallest.shape[0]
     return PointReport(
@@ -440,15 +466,17 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw)
                                          np.nan),
         weights=np.where(np.asarray(spec.node_valid), np.asarray(spec.weights), 0.0),
         escape_direction=np.asarray(spec.escape_direction), escape_t=None, escape_loss=None,
-        escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + 2,
+        escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + MARGIN_MATVECS,
         density={k: np.asarray(v) for k, v in density.items()})
 
 
-def _analyze_one(loss2, params, data, key, label, method, grad_tol, eig_tol, krylov_kw):
+def _analyze_one(loss2, params, data, key, label, method, grad_tol, eig_tol, krylov_kw,
+                 roundoff_scale):
     if method == "dense":
-        point = _dense_point(loss2, params, data, grad_tol, eig_tol, label)
+        point = _dense_point(loss2, params, data, grad_tol, eig_tol, label, roundoff_scale)
     else:
-        point = _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw)
+        point = _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
+                              roundoff_scale)
     if point.negative_proven:
         ts, losses, quad = _escape_profile(loss2, params, data, point.escape_direction,
                                            point.lambda_min, point.loss)
@@ -517,9 +545,13 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
     key = jax.random.key(0) if key is None else key
     krylov_kw = dict(num_steps=lanczos_steps, num_probes=slq_probes, k=num_eigs,
                      tol_mode=krylov_tol, deflate=deflate)
-    say(f"analysing the given point ({method}, P = {n_params})")
+    precision = precision_record(loss2, params, data)
+    scale = precision["unit_roundoff"] / EPS64
+    say(f"analysing the given point ({method}, P = {n_params})"
+        + (f"; the loss rounds in {precision['coarsest_dtype']}: allowance for ε = "
+           f"{precision['unit_roundoff']:.2g}" if scale > 1 else ""))
     points = [_analyze_one(loss2, params, data, key, "given", method, grad_tol, eig_tol,
-                           krylov_kw)]
+                           krylov_kw, scale)]
     refinement, refined = None, None
     if refine:
         iters = minres_iters or min(n_params, 200)
@@ -531,7 +563,7 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
         moved = float(jnp.linalg.norm(ravel_pytree(refined)[0] - ravel_pytree(params)[0]))
         say(f"analysing the refined point (moved {moved:.3g})")
         point = _analyze_one(loss2, refined, data, key, "refined", method, grad_tol, eig_tol,
-                             krylov_kw)
+                             krylov_kw, scale)
         points.append(point)
         refinement = Refinement(distance=moved, loss_change=point.loss - points[0].loss,
                                 iterations=int(found.iterations),
@@ -540,6 +572,7 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
                                 grad_norm_after=point.grad_norm)
     info = dict(model_info or {})
     info.setdefault("n_params", n_params)
+    info["precision"] = precision
     return AnalysisReport(tuple(points), refinement, refined, info)
 
 
