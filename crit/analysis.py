@@ -65,6 +65,17 @@ EPS64 = float(np.finfo(np.float64).eps)
 MARGIN_MATVECS = 50 + 3  # crit.nearby.nearby_margin: MINRES step, then y'H(θ+s)y and y'H(θ)y
 LOG_DENSITY_POINTS = 600
 
+#: What ``experiments.analyze`` writes: the files, and the columns of analysis.csv (one row per
+#: analysed point; ``distance_moved`` and ``loss_change`` are 0 for the given point).
+REPORT_OUTPUTS = ("report.json", "analysis.csv", "spectrum.npz")
+REPORT_COLUMNS = ("point", "method", "n_params", "loss", "grad_norm", "grad_tol", "certified",
+                  "verdict", "negative_proven", "lambda_min_bound", "lambda_min",
+                  "lambda_min_residual", "lambda_max", "lambda_max_residual", "allowance", "margin",
+                  "curvature_ratio", "excluded_below", "miss_probability", "tolerance",
+                  "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo", "index_hi",
+                  "null_fraction", "null_fraction_lo", "null_fraction_hi", "resolved",
+                  "num_matvecs", "distance_moved", "loss_change")
+
 
 class AnalysisError(ValueError):
     """Input that cannot be analysed (shapes, NaN, flags); raised before any compute."""
@@ -438,20 +449,19 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
     verdict = _with_roundoff(spec.verdict, roundoff_scale)
     verdict = with_criticality(critical_point_verdict(verdict, margin.margin), certified)
     gf = spec.grid_fractions
-    k = spec.smallest.shape[0]
+    small, small_res, large, large_res = _extremal_pairs(spec)
     return PointReport(
         label=label, method="krylov", n_params=dim, loss=float(loss), grad_norm=float(gnorm),
         grad_tol=float(grad_tol), certified=certified, verdict=VERDICTS[int(verdict.code)],
         negative_proven=bool(verdict.negative_proven),
         lambda_min_bound=float(verdict.lambda_min_bound), lambda_min=float(verdict.ritz_value),
         lambda_min_residual=float(verdict.ritz_residual), lambda_max=float(spec.lambda_max),
-        lambda_max_residual=float(spec.largest_residuals[0]),
+        lambda_max_residual=float(large_res[0]),
         allowance=float(verdict.allowance), margin=float(margin.margin),
         curvature_ratio=float(margin.ratio), excluded_below=float(verdict.excluded_below),
         miss_probability=float(verdict.miss_probability),
-        smallest=np.asarray(spec.smallest)[:k], smallest_residuals=np.asarray(
-            spec.smallest_residuals)[:k], largest=np.asarray(spec.largest)[:k],
-        largest_residuals=np.asarray(spec.largest_residuals)[:k],
+        smallest=small, smallest_residuals=small_res, largest=large,
+        largest_residuals=large_res,
         tolerance=float(spec.tolerance), min_ratio=float(spec.min_ratio),
         min_ratio_lo=float(spec.min_ratio_lo), min_ratio_hi=float(spec.min_ratio_hi),
         index=float(spec.index), index_lo=float(spec.index_lo), index_hi=float(spec.index_hi),
@@ -468,6 +478,21 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
         escape_direction=np.asarray(spec.escape_direction), escape_t=None, escape_loss=None,
         escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + MARGIN_MATVECS,
         density={k: np.asarray(v) for k, v in density.items()})
+
+
+def _extremal_pairs(spec):
+    """k smallest and k largest values with residuals: the Rayleigh quotients of the Ritz
+    vectors and their true residuals (one HVP each) where krylov_spectrum computed them
+    (``deflate``), the Ritz values and residual estimates |β s| elsewhere."""
+    k = spec.smallest.shape[0]
+    rq, res = np.asarray(spec.extremal_rayleigh), np.asarray(spec.extremal_residuals)
+    out = []
+    for ritz, est, part in ((spec.smallest, spec.smallest_residuals, slice(0, k)),
+                            (spec.largest, spec.largest_residuals, slice(k, 2 * k))):
+        true = np.isfinite(rq[part])
+        out.append(np.where(true, rq[part], np.asarray(ritz)))
+        out.append(np.where(true, res[part], np.asarray(est)))
+    return tuple(out)
 
 
 def _analyze_one(loss2, params, data, key, label, method, grad_tol, eig_tol, krylov_kw,

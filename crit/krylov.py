@@ -150,6 +150,13 @@ class KrylovSpectrum(NamedTuple):
     """Operator applications spent in all."""
     dim: Array
     """The operator's size n."""
+    extremal_rayleigh: Optional[Array] = None
+    r"""(2k,) Rayleigh quotients :math:`y^\top H y` of the unit Ritz vectors of the k smallest
+    (ascending) then the k largest (descending) Ritz values, recomputed with one HVP each
+    (with ``deflate``; without it only the first). NaN where missing."""
+    extremal_residuals: Optional[Array] = None
+    r"""(2k,) True residuals :math:`\lVert Hy - (y^\top Hy) y\rVert` of the same vectors: an
+    eigenvalue lies within each of its Rayleigh quotient (Parlett 1998, Thm 4.5.1)."""
 
     @property
     def slq(self) -> SLQResult:
@@ -437,7 +444,17 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         lambda_max_bound=c, deflated=deflated,
         num_deflated=jnp.sum(~jnp.isnan(deflated)), slack=slack, probe_mass=mass,
         probe_steps=probe_steps, conv_tol=jnp.asarray(conv_tol, dtype=jnp.float64),
-        num_matvecs=num_steps + extra + num_probes * probe_steps, dim=jnp.asarray(dim))
+        num_matvecs=num_steps + extra + num_probes * probe_steps, dim=jnp.asarray(dim),
+        extremal_rayleigh=_pad_checked(rq, ys_ok, 2 * k),
+        extremal_residuals=_pad_checked(rq_res, ys_ok, 2 * k))
+
+
+def _pad_checked(values: Array, ok: Array, size: int) -> Array:
+    """``values`` (the first len(values) of ``size`` extremal vectors) where ``ok``, NaN
+    elsewhere and beyond."""
+    out = jnp.full((size,), jnp.nan, dtype=jnp.float64)
+    out = out.at[:values.shape[0]].set(values)
+    return jnp.where(ok, out, jnp.nan)
 
 
 def planted_operator(eigenvalues, seed: int = 0) -> Callable[[Array], Array]:

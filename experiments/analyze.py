@@ -71,16 +71,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the Krylov probes and of an NNX model's
 flags.DEFINE_string("out_dir", "runs/analyze", "Results directory.")
 flags.DEFINE_bool("overwrite", False, "Replace results of a different configuration.")
 
-OUTPUTS = ("report.json", "analysis.csv", "spectrum.npz")
+from crit.analysis import REPORT_OUTPUTS as OUTPUTS  # noqa: E402
 NOT_PROTOCOL = ("out_dir", "overwrite")
 KRYLOV_ONLY = ("lanczos_steps", "slq_probes", "krylov_tol")
-CSV_COLUMNS = ("point", "method", "n_params", "loss", "grad_norm", "grad_tol", "certified",
-               "verdict", "negative_proven", "lambda_min_bound", "lambda_min",
-               "lambda_min_residual", "lambda_max", "lambda_max_residual", "allowance", "margin",
-               "curvature_ratio", "excluded_below", "miss_probability", "tolerance",
-               "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo", "index_hi",
-               "null_fraction", "null_fraction_lo", "null_fraction_hi", "resolved",
-               "num_matvecs", "distance_moved", "loss_change")
+from crit.analysis import REPORT_COLUMNS as CSV_COLUMNS  # noqa: E402
+
 
 
 def validate() -> list[str]:

@@ -132,9 +132,13 @@ def data_digest() -> str | None:
 def fingerprint(problem) -> dict:
     """What the model and data flags put in a run's fingerprint: the model and its
     hyperparameters, the data file and the SHA-256 of its bytes (a file changed in place is
-    another run), the BatchNorm semantics the numbers were computed with ("none" for a model
+    another run), the SHA-256 of the source of a fork's ``module:factory`` module (an edited
+    fork is another run, not a resume), the BatchNorm semantics the numbers were computed with ("none" for a model
     without state) and the evaluation batch size."""
+    from crit.trained import spec_source_sha256
+
     digest = data_digest()
     return {"model": FLAGS.model, "model_args": sorted(FLAGS.model_arg),
+            "model_source_sha256": spec_source_sha256(FLAGS.model),
             "data_file": FLAGS.data_file, "data_sha256": digest,
             "batchnorm": problem.batchnorm, "eval_batch_size": problem.eval_batch_size}

@@ -81,7 +81,7 @@ def test_app_writes_every_file_and_column_and_resumes(fork, tmp_path):
     proc = run_app("analyze", *_args(root, out, "--refine"), env=env)
     assert "proven" in proc.stdout or "verdict" in proc.stdout
     assert "cast from float32" in proc.stdout
-    from experiments.analyze import CSV_COLUMNS, OUTPUTS
+    from crit.analysis import REPORT_COLUMNS as CSV_COLUMNS, REPORT_OUTPUTS as OUTPUTS
 
     for name in (*OUTPUTS, "config.json", "density.png", "density.pdf", "sign_fractions.png"):
         assert (out / name).is_file(), name
