@@ -19,8 +19,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests check the plumbing, not speed: skipping most XLA optimizations halves compile time.
+# Every app run shares a persistent compilation cache: a program compiled by one run (the same
+# configuration resumed, killed or rerun) is loaded, not compiled again, by the next. A cached
+# executable is the same executable, so bit-identity checks between runs are unaffected.
+CACHE = ROOT / ".jax_cache"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
 def run_app(module: str, *args: str, check: bool = True, timeout: float = 600,
