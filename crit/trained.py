@@ -334,16 +334,12 @@ def load_linen_variables(module, path, x_sample) -> dict:
 
 def import_spec(spec: str, what: str = "--model"):
     """The attribute ``attr`` of module ``pkg.mod`` for ``"pkg.mod:attr"`` (one clear error)."""
-    if ":" not in spec:
-        raise TrainedModelError(f"{what}={spec}: expected 'some.module:attribute'")
-    path, attr = spec.split(":", 1)
+    from crit.models import ModelError, import_attribute
+
     try:
-        module = importlib.import_module(path)
-    except Exception as exc:
-        raise TrainedModelError(f"{what}={spec}: cannot import {path!r} ({exc})") from None
-    if not hasattr(module, attr):
-        raise TrainedModelError(f"{what}={spec}: module {path!r} has no attribute {attr!r}")
-    return getattr(module, attr)
+        return import_attribute(spec, what)
+    except ModelError as exc:
+        raise TrainedModelError(str(exc)) from None
 
 
 def spec_source_sha256(spec: str | None) -> str | None:

@@ -61,14 +61,22 @@ def resolve_factory(spec: str) -> tuple[Callable[..., nn.Module], dict[str, Any]
     if ":" not in spec:
         raise ModelError(f"unknown model {spec!r}; known: {', '.join(model_names())}, or "
                          "'some.module:factory' for your own Flax module")
+    return import_attribute(spec), {}
+
+
+def import_attribute(spec: str, what: str = "--model"):
+    """The attribute ``attr`` of module ``pkg.mod`` for ``"pkg.mod:attr"``; one
+    :class:`ModelError` naming ``what`` for a bad spec, a failed import or a missing name."""
+    if ":" not in spec:
+        raise ModelError(f"{what}={spec}: expected 'some.module:attribute'")
     path, attr = spec.split(":", 1)
     try:
         module = importlib.import_module(path)
     except Exception as exc:
-        raise ModelError(f"--model={spec}: cannot import {path!r} ({exc})") from None
+        raise ModelError(f"{what}={spec}: cannot import {path!r} ({exc})") from None
     if not hasattr(module, attr):
-        raise ModelError(f"--model={spec}: module {path!r} has no attribute {attr!r}")
-    return getattr(module, attr), {}
+        raise ModelError(f"{what}={spec}: module {path!r} has no attribute {attr!r}")
+    return getattr(module, attr)
 
 
 def get_model(spec: str, n_outputs: int, **hparams) -> nn.Module:
