@@ -62,6 +62,9 @@ METHODS = ("auto", "dense", "krylov")
 ESCAPE_POINTS = 41
 DENSITY_POINTS = 2000
 EPS64 = float(np.finfo(np.float64).eps)
+#: No sign fraction counts as resolved at τ above this fraction of max|λ|: at τ = 0.1·λ_max a
+#: "resolved" min ratio says little about the sign of the bulk (issue 24, point 5).
+RESOLVE_CEILING = 1e-2
 MARGIN_MATVECS = 50 + 3  # crit.nearby.nearby_margin: MINRES step, then y'H(θ+s)y and y'H(θ)y
 LOG_DENSITY_POINTS = 600
 
@@ -133,7 +136,8 @@ class PointReport:
     null_fraction_lo: float
     null_fraction_hi: float
     resolved: bool
-    """The min-ratio and index intervals at τ are at most 0.05 wide (dense: always)."""
+    """The min-ratio and index intervals at τ are at most 0.05 wide and τ ≤
+    :data:`RESOLVE_CEILING`·max|λ| (dense: always)."""
     grid_tolerance: np.ndarray
     grid_fractions: dict
     """``{"min_ratio": (G, 3), "index": (G, 3), "null_fraction": (G, 3)}``: est, lo, hi."""
@@ -184,7 +188,8 @@ class PointReport:
         parts.append(f"verdict about the nearby critical point: {self.verdict_text}"
                      f" (estimated margin {self.margin:.2g}, |λ|/‖∇L‖ = "
                      f"{self.curvature_ratio:.3g})")
-        parts.append(f"estimated: min ratio {self.min_ratio:.3f} "
+        parts.append(("" if self.resolved or self.method == "dense" else "unresolved, ")
+                     + f"estimated: min ratio {self.min_ratio:.3f} "
                      f"[{self.min_ratio_lo:.3f}, {self.min_ratio_hi:.3f}], index {self.index:.3f} "
                      f"[{self.index_lo:.3f}, {self.index_hi:.3f}] at τ = {self.tolerance:.2g}"
                      if self.method == "krylov" else
@@ -466,7 +471,9 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
         min_ratio_lo=float(spec.min_ratio_lo), min_ratio_hi=float(spec.min_ratio_hi),
         index=float(spec.index), index_lo=float(spec.index_lo), index_hi=float(spec.index_hi),
         null_fraction=float(spec.null_fraction), null_fraction_lo=float(spec.null_fraction_lo),
-        null_fraction_hi=float(spec.null_fraction_hi), resolved=bool(spec.resolved),
+        null_fraction_hi=float(spec.null_fraction_hi),
+        resolved=bool(spec.resolved) and float(spec.tolerance) <= RESOLVE_CEILING * max(
+            abs(float(spec.lambda_min)), abs(float(spec.lambda_max))),
         grid_tolerance=np.asarray(spec.grid_tolerance),
         grid_fractions={"min_ratio": _grid_dict(gf.positive.mean, gf.positive.lo,
                                                 gf.positive.hi),

@@ -230,3 +230,16 @@ def test_krylov_extremal_pairs_carry_true_residuals():
             assert np.min(np.abs(eigs - v)) <= r * (1 + 1e-8) + 1e-12
     # 10 steps at P = 19: the inner values have not converged, so the check has teeth
     assert np.max(kry.smallest_residuals) > 1e-6
+
+
+def test_no_fraction_is_resolved_at_a_coarse_tolerance():
+    """On a tiny Krylov run the finest sharp grid τ is a large share of λ_max: not 'resolved'."""
+    x, y = _data()
+    p = analyze_model(mlp_apply, (x, y), "mse", variables=_weights(), method="krylov",
+                      lanczos_steps=6, slq_probes=2, num_eigs=2).given
+    scale = max(abs(p.lambda_min), abs(p.lambda_max))
+    assert p.tolerance > 1e-2 * scale  # 6 steps resolve nothing finer (measured: 0.1·λ_max)
+    assert not p.resolved and "unresolved" in p.statement()
+    fine = analyze_model(mlp_apply, (x, y), "mse", variables=_weights(), method="krylov",
+                         lanczos_steps=6, slq_probes=2, num_eigs=2, eig_tol=1e-3 * scale).given
+    assert fine.tolerance <= 1e-2 * scale
