@@ -236,6 +236,20 @@ class DataFileError(ValueError):
     """A ``--data_file`` that cannot be used; the message names the file and the key."""
 
 
+def _read_npz(path) -> tuple[Path, str, dict]:
+    """(path, the flag text naming it, its arrays), read without pickle; DataFileError for a
+    missing file, a file that is not an npz, or object arrays."""
+    path = Path(path)
+    where = f"--data_file={path}"
+    if not path.is_file():
+        raise DataFileError(f"{where}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return path, where, {k: z[k] for k in z.files}
+    except Exception as exc:  # not an npz, truncated, or object arrays (pickle)
+        raise DataFileError(f"{where}: cannot be read as .npz without pickle ({exc})") from None
+
+
 def load_data_file(path: str | Path, n_points: int | None = None) -> Dataset:
     """Read a data set from an ``.npz`` file, checking everything before any compute.
 
@@ -253,15 +267,7 @@ def load_data_file(path: str | Path, n_points: int | None = None) -> Dataset:
     file, a missing key, an unknown key, mismatched rows, NaN/inf, labels out of range,
     test features whose shape differs from the training features'.
     """
-    path = Path(path)
-    where = f"--data_file={path}"
-    if not path.is_file():
-        raise DataFileError(f"{where}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # not an npz, truncated, or object arrays (pickle)
-        raise DataFileError(f"{where}: cannot be read as .npz without pickle ({exc})") from None
+    path, where, arrays = _read_npz(path)
     unknown = sorted(set(arrays) - set(DATA_FILE_KEYS))
     if unknown:
         raise DataFileError(f"{where}: unknown key(s) {unknown}; allowed: {list(DATA_FILE_KEYS)}")
@@ -332,15 +338,8 @@ def load_xy_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ignored. Raises :class:`DataFileError` for a missing file or key, mismatched rows, no rows,
     non-numeric arrays, or NaN/inf.
     """
-    path = Path(path)
-    where = f"--data_file={path}"
-    if not path.is_file():
-        raise DataFileError(f"{where}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k in ("x_train", "y_train")}
-    except Exception as exc:
-        raise DataFileError(f"{where}: cannot be read as .npz without pickle ({exc})") from None
+    path, where, arrays = _read_npz(path)
+    arrays = {k: v for k, v in arrays.items() if k in ("x_train", "y_train")}
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise DataFileError(f"{where}: missing key '{key}'")
