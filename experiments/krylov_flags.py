@@ -66,7 +66,42 @@ def krylov_errors(lanczos_steps: int, slq_probes: int, k: int = EXTREMAL_K) -> l
         value = getattr(FLAGS, name)
         if not (math.isfinite(value) and 0 < value < 1):
             errors.append(f"--{name}={value}: must be in (0, 1)")
-    return errors
+    return errors + batch_statistics_errors()
+
+
+def batch_statistics_errors() -> list[str]:
+    """--hvp_batch_size with --batchnorm=batch on a model with BatchNorm, unless its batches
+    are the evaluation batches.
+
+    Under batch statistics each batch is normalized with its own mean and variance, so the loss
+    depends on how the rows are batched: L is defined by the batches of --eval_batch_size
+    (crit.problems). HVP batches of another size would differentiate another function (the
+    gradient, the HVPs, Newton-MR and Lanczos) while the loss, the certificate and
+    --compare_dense use the eval batches.
+    The same size gives the same row partition (consecutive rows, a short last batch) and so
+    the same function; that is accepted.
+    """
+    rows = getattr(FLAGS, "hvp_batch_size", 0)
+    if not rows or "batchnorm" not in FLAGS or FLAGS.batchnorm != "batch":
+        return []
+    from experiments import model_flags
+
+    try:  # built (and cached) by model_flags.model_errors; its own errors are reported there
+        problem = model_flags.problem_from_model_flags()
+    except Exception:  # noqa: BLE001
+        return []
+    if problem.batchnorm != "batch":  # a model without BatchNorm ignores --batchnorm
+        return []
+    n = problem.dataset.n_train
+    if min(rows, n) == min(problem.eval_batch_size or n, n):
+        return []
+    return [f"--hvp_batch_size={rows} with --batchnorm=batch: each batch normalizes with its "
+            "own statistics, so the loss depends on the batching, and the loss, certificate "
+            f"and spectra are those of batches of --eval_batch_size={problem.eval_batch_size} "
+            f"(0 = all {n} rows); HVP batches of {min(rows, n)} rows would differentiate "
+            "another function. Drop --hvp_batch_size (--eval_batch_size already bounds the "
+            "memory of the gradient and HVPs by one batch), set it equal to "
+            "--eval_batch_size, or use --batchnorm=eval"]
 
 
 def krylov_options() -> dict:

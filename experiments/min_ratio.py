@@ -45,7 +45,8 @@ flags.DEFINE_integer("dense_max_params", 3000, "Largest P for the dense Hessian 
 flags.DEFINE_integer("lanczos_steps", 90, "Lanczos steps per run (--hessian=lanczos).")
 flags.DEFINE_integer("slq_probes", 8, "SLQ probe vectors (--hessian=lanczos).")
 flags.DEFINE_integer("minres_iters", 50, "MINRES iterations per Newton-MR step "
-                     "(--hessian=lanczos --finder=newton).")
+                     "(--hessian=lanczos --finder=newton) and of the one Newton step that "
+                     "estimates verdict_margin (crit.nearby; both --hessian modes).")
 flags.DEFINE_integer("vmap_width", 0, "Inits vmapped together inside a chunk; groups of this "
                      "many run one after another, so peak memory follows the width (0: "
                      "min(num_inits, 10) on CPU, on GPU/TPU min(num_inits, 512, what half the "
@@ -90,6 +91,18 @@ KRYLOV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params
                   "train_loss", "train_grad_norm", "verdict_margin", "curvature_ratio")
 
 
+# Flags of the Krylov spectrum only: the dense path (eigvalsh of the exact Hessian) never reads
+# them. --minres_iters is not among them: the verdict margin (crit.nearby) uses it in both modes.
+KRYLOV_ONLY = ("hvp_batch_size", "lanczos_steps", "slq_probes", "krylov_tol", "deflate",
+               "hvp_budget", "target_rel_tol", "resolve_width")
+
+
+def unused_krylov_flags() -> list[str]:
+    """The Krylov-only flags given on the command line with a value other than their default."""
+    return [name for name in KRYLOV_ONLY
+            if FLAGS[name].present and FLAGS[name].value != FLAGS[name].default]
+
+
 def validate() -> None:
     """Every flag checked before any compute; raises app.UsageError listing all problems."""
     errors = (common.problem_errors() + cluster.cluster_errors()
@@ -106,6 +119,11 @@ def validate() -> None:
         errors.append(f"--vmap_width={FLAGS.vmap_width}: must be >= 0 (0 = automatic)")
     if FLAGS.chunk_size < 0:
         errors.append(f"--chunk_size={FLAGS.chunk_size}: must be >= 0 (0 = automatic)")
+    if FLAGS.hessian == "dense":
+        for name in unused_krylov_flags():
+            errors.append(f"--{name}={FLAGS[name].value}: applies to --hessian=lanczos only; "
+                          "--hessian=dense (exact Hessian + eigvalsh) would ignore it: drop it "
+                          "or use --hessian=lanczos")
     if FLAGS.spectrum_dtype == "float32" and FLAGS.hessian == "lanczos":
         errors.append("--spectrum_dtype=float32 is implemented for the dense Hessian only; use "
                       "--hessian=dense (or auto with P <= --dense_max_params)")
@@ -370,6 +388,11 @@ def main(argv):
         raise app.UsageError(f"--spectrum_dtype=float32 is implemented for the dense Hessian "
                              f"only; P = {problem.n_params} > --dense_max_params="
                              f"{FLAGS.dense_max_params} selects Lanczos")
+    unused = unused_krylov_flags()
+    if FLAGS.hessian == "auto" and hessian_mode(problem.n_params) == "dense" and unused:
+        print(f"note: P = {problem.n_params} <= --dense_max_params={FLAGS.dense_max_params} "
+              f"selects the dense Hessian; {', '.join('--' + n for n in unused)} (Krylov only) "
+              "have no effect", flush=True)
     axis, why = krylov_flags.shard_axis(FLAGS.num_inits, problem)
     axis_problems = krylov_flags.shard_axis_errors(axis)
     if axis_problems:

@@ -293,3 +293,93 @@ def test_krylov_and_dense_verdicts_agree_at_certified_points(tmp_path):
         assert 0 <= float(k["negative_excluded_below"]) < 1e-6 * float(k["lambda_max"])
     assert "verdicts: minimum (all eigenvalues > τ) 4" in dense.stdout
     assert "verdicts: no negative eigenvalue found 4" in krylov.stdout
+
+
+KRYLOV_ONLY_GIVEN = ["--hvp_batch_size=7", "--lanczos_steps=40", "--slq_probes=3",
+                     "--krylov_tol=machine", "--nodeflate", "--hvp_budget=1000",
+                     "--target_rel_tol=1e-3", "--resolve_width=0.1"]
+
+
+def test_krylov_flags_with_dense_hessian_are_refused_before_compute(tmp_path):
+    """--hessian=dense never reads the Krylov flags: set to other values they are refused, all
+    named in one message, before anything is computed. The same flags at their defaults, and
+    --minres_iters (the verdict margin's Newton step uses it in both modes), are accepted: the
+    second run fails only on --num_inits=0, which keeps it from computing."""
+    out = tmp_path / "never"
+    proc = run_app(*TINY, "--hessian=dense", *KRYLOV_ONLY_GIVEN, f"--out_dir={out}",
+                   check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    for flag in KRYLOV_ONLY_GIVEN:
+        name = flag.removeprefix("--no").removeprefix("--").split("=")[0]
+        assert f"--{name}=" in proc.stderr and "applies to --hessian=lanczos only" in proc.stderr
+    assert not out.exists()
+    proc = run_app(*TINY, "--hessian=dense", "--lanczos_steps=90", "--deflate",
+                   "--krylov_tol=resolved", "--minres_iters=7", "--num_inits=0",
+                   f"--out_dir={out}", check=False)
+    assert proc.returncode != 0 and "--num_inits=0" in proc.stderr
+    assert "applies to --hessian=lanczos only" not in proc.stderr
+    assert not out.exists()
+
+
+BATCH_STATS = ["--model=resnet", "--dataset=digits_images", "--model_arg=depth=8",
+               "--model_arg=width=1", "--n_points=16", "--batchnorm=batch",
+               "--hessian=lanczos", "--eval_batch_size=8", "--progress=false"]
+
+
+def test_hvp_batches_other_than_eval_batches_under_batch_statistics_are_refused(tmp_path):
+    """With --batchnorm=batch the loss depends on the batching: HVP batches of 4 rows against
+    eval batches of 8 would be another function, refused before compute, naming both flags.
+    HVP batches equal to the eval batches (the same function) pass this check: that run fails
+    only on --num_inits=0."""
+    out = tmp_path / "never"
+    proc = run_app(*BATCH_STATS, "--hvp_batch_size=4", f"--out_dir={out}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--hvp_batch_size=4 with --batchnorm=batch" in proc.stderr
+    assert "--eval_batch_size=8" in proc.stderr
+    assert not out.exists()
+    proc = run_app(*BATCH_STATS, "--hvp_batch_size=8", "--num_inits=0", f"--out_dir={out}",
+                   check=False)
+    assert proc.returncode != 0 and "--num_inits=0" in proc.stderr
+    assert "--batchnorm=batch:" not in proc.stderr and not out.exists()
+
+
+def test_hvp_batches_equal_to_eval_batches_are_the_same_function_under_batch_statistics():
+    """Why the refusal above: under batch statistics the gradient and HVPs summed over HVP
+    batches are those of the reported loss (eval batches of 8, the last one short) only when
+    the batches coincide; batches of 4 give another function."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from crit.data import DATASETS
+    from crit.hessian import full_batch_hvp_operator, hvp_operator
+    from crit.problems import make_problem
+
+    class NormNet(nn.Module):  # BatchNorm: in batch mode each batch its own statistics
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Dense(3, param_dtype=jnp.float64)(x)
+            x = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(x)
+            return nn.Dense(1, param_dtype=jnp.float64)(jnp.tanh(x))
+
+    data = DATASETS["gaussian"](n_points=20, seed=0, dim_in=2, dim_out=1)
+    problem = make_problem(NormNet(), data, "mse", batchnorm="batch", eval_batch_size=8)
+    assert problem.batchnorm == "batch"
+    params = problem.init_fn(jax.random.PRNGKey(0))
+    v = jax.random.normal(jax.random.PRNGKey(1), (problem.n_params,), jnp.float64)
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+
+    @jax.jit
+    def both(params, v):  # (g, Hv) of the reported loss, then summed over batches of 8 and 4
+        g, matvec = hvp_operator(problem.loss_fn, params)
+        out = [(g, matvec(v))]
+        for rows in (8, 4):
+            gb, mb = full_batch_hvp_operator(problem.batch_loss_fn, params, x, y, rows)
+            out.append((gb, mb(v)))
+        return out
+
+    (g, hv), (same_g, same_hv), (other_g, other_hv) = both(params, v)
+    np.testing.assert_allclose(same_g, g, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(same_hv, hv, rtol=1e-9, atol=1e-12)
+    assert jnp.linalg.norm(other_g - g) > 1e-2 * jnp.linalg.norm(g)
+    assert jnp.linalg.norm(other_hv - hv) > 1e-2 * jnp.linalg.norm(hv)
