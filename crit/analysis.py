@@ -59,6 +59,10 @@ Array = jax.Array
 
 DENSE_MAX_PARAMS = 2000
 METHODS = ("auto", "dense", "krylov")
+#: Precisions of the Lanczos search's HVPs (``hvp_dtype``); the proof is float64 in every case.
+HVP_DTYPES = ("float64", "float32", "bfloat16")
+MATMUL_PRECISIONS = (None, "highest", "high", "default", "float32", "tensorfloat32",
+                     "bfloat16", "bfloat16_3x")
 ESCAPE_POINTS = 41
 DENSITY_POINTS = 2000
 EPS64 = float(np.finfo(np.float64).eps)
@@ -77,7 +81,8 @@ REPORT_COLUMNS = ("point", "method", "n_params", "loss", "grad_norm", "grad_tol"
                   "curvature_ratio", "excluded_below", "miss_probability", "tolerance",
                   "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo", "index_hi",
                   "null_fraction", "null_fraction_lo", "null_fraction_hi", "resolved",
-                  "num_matvecs", "distance_moved", "loss_change")
+                  "num_matvecs", "hvp_dtype", "search_error", "num_check_matvecs",
+                  "distance_moved", "loss_change")
 
 
 class AnalysisError(ValueError):
@@ -152,9 +157,19 @@ class PointReport:
     escape_loss: Optional[np.ndarray]
     escape_quadratic: Optional[np.ndarray]
     num_matvecs: int
+    """Operator products spent on this point: with a low-precision search (``hvp_dtype``),
+    the low-precision ones; the float64 ones are in ``num_check_matvecs``."""
     density: dict = dataclasses.field(default_factory=dict)
     """Krylov: ``grid``, ``density``, ``log_grid``, ``log_density_pos``, ``log_density_neg``
     (:func:`slq_densities`); dense: empty (the eigenvalues are the density)."""
+    hvp_dtype: str = "float64"
+    """Precision of the HVPs the Lanczos search ran on; the proof is float64 either way."""
+    search_error: float = 0.0
+    """η, the measured low-precision HVP error (times the safety factor) by which the sign
+    fractions' thresholds, λ_max's bound and the excluded level were widened; 0 in float64."""
+    num_check_matvecs: int = 0
+    """float64 HVPs of the proof when the search was in low precision (0 otherwise: all
+    products are float64 and counted in ``num_matvecs``)."""
 
     @property
     def verdict_text(self) -> str:
@@ -325,12 +340,37 @@ def _margin_stage(loss2, params, data, y):
     return nearby_margin(lambda q: loss2(q, data), params, y)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _krylov_stage(loss2, params, data, key, dim, eig_tol, krylov_items):
+def cast_floats(tree, dtype):
+    """Every floating leaf of ``tree`` in ``dtype`` (integer leaves, e.g. tokens, untouched)."""
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+    return jax.tree.map(cast, tree)
+
+
+def search_operator(loss2, params, data, hvp_dtype: str):
+    r"""The HVP :math:`\tilde H v` of ``loss2`` computed in ``hvp_dtype`` (parameters, data and
+    tangent cast down, the product cast back to float64): the cheap operator the Lanczos search
+    runs on when ``hvp_dtype`` is not float64 (issue 24, point 3)."""
+    dtype = jnp.dtype(hvp_dtype)
+    low_params, low_data = cast_floats(params, dtype), cast_floats(data, dtype)
+    _, low_matvec = hvp_operator(lambda p: loss2(p, low_data), low_params)
+    return lambda v: low_matvec(v.astype(dtype)).astype(jnp.float64)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _krylov_stage(loss2, params, data, key, dim, eig_tol, krylov_items, hvp_dtype="float64",
+                  matmul_precision=None):
     loss_fn = lambda p: loss2(p, data)  # noqa: E731
     loss = loss_fn(params)
     grad, matvec = hvp_operator(loss_fn, params)
-    spec = krylov_spectrum(matvec, key, dim, tol=eig_tol, **dict(krylov_items))
+    if hvp_dtype == "float64":
+        spec = krylov_spectrum(matvec, key, dim, tol=eig_tol, **dict(krylov_items))
+    else:
+        with jax.default_matmul_precision(matmul_precision or "highest"):
+            search = search_operator(loss2, params, data, hvp_dtype)
+        spec = krylov_spectrum(search, key, dim, tol=eig_tol, check_matvec=matvec,
+                               **dict(krylov_items))
     margin = nearby_margin(loss_fn, params, spec.escape_direction)
     return loss, jnp.linalg.norm(grad), spec, margin, slq_densities(spec)
 
@@ -448,8 +488,11 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
     theta, _ = ravel_pytree(params)
     dim = int(theta.size)
 
+    krylov_kw = dict(krylov_kw)
+    search = (krylov_kw.pop("hvp_dtype", "float64"), krylov_kw.pop("matmul_precision", None))
     loss, gnorm, spec, margin, density = _krylov_stage(loss2, params, data, key, dim, eig_tol,
-                                              tuple(sorted(krylov_kw.items())))
+                                                       tuple(sorted(krylov_kw.items())),
+                                                       *search)
     certified = bool(gnorm <= grad_tol)
     verdict = _with_roundoff(spec.verdict, roundoff_scale)
     verdict = with_criticality(critical_point_verdict(verdict, margin.margin), certified)
@@ -484,7 +527,10 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
         weights=np.where(np.asarray(spec.node_valid), np.asarray(spec.weights), 0.0),
         escape_direction=np.asarray(spec.escape_direction), escape_t=None, escape_loss=None,
         escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + MARGIN_MATVECS,
-        density={k: np.asarray(v) for k, v in density.items()})
+        density={k: np.asarray(v) for k, v in density.items()}, hvp_dtype=search[0],
+        search_error=float(spec.search_error),
+        num_check_matvecs=int(spec.num_check_matvecs) + (MARGIN_MATVECS if search[0] !=
+                                                          "float64" else 0))
 
 
 def _extremal_pairs(spec):
@@ -527,6 +573,7 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
                   dense_max_params: int = DENSE_MAX_PARAMS, eig_tol: Optional[float] = None,
                   lanczos_steps: int = 90, slq_probes: int = 8, num_eigs: int = 5,
                   krylov_tol: str = "resolved", deflate: bool = True,
+                  hvp_dtype: str = "float64", matmul_precision: Optional[str] = None,
                   progress: Optional[Callable[[str], None]] = None,
                   model_info: Optional[dict] = None) -> AnalysisReport:
     r"""Certificate, optional refinement, verdict with proof, extremal pairs, sign fractions,
@@ -554,6 +601,15 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
     lanczos_steps, slq_probes, num_eigs, krylov_tol, deflate
         Passed to :func:`crit.krylov.krylov_spectrum` (``num_steps``, ``num_probes``, ``k``,
         ``tol_mode``, ``deflate``).
+    hvp_dtype, matmul_precision
+        Precision of the HVPs of the Lanczos search (Krylov only): ``"float64"`` (default),
+        ``"float32"`` or ``"bfloat16"``. In low precision, parameters, data and tangents are
+        cast down for the search, and the proof is float64: the Rayleigh quotients and true
+        residuals of the extremal Ritz vectors (hence the verdict), the margin and the
+        escape profile are float64, and the sign fractions are widened by the measured HVP
+        error (:func:`crit.krylov.krylov_spectrum`, ``check_matvec``). ``matmul_precision``
+        (``jax.default_matmul_precision`` for the search's float32 dots; default
+        ``"highest"``, i.e. no TF32/bfloat16 passes on GPU/TPU) is recorded in the report.
     progress
         Called with a line of text before each stage (compile and run can take minutes).
     """
@@ -575,9 +631,22 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
     if data is not None:
         data = jax.tree.map(jnp.asarray, data)
     key = jax.random.key(0) if key is None else key
+    if hvp_dtype not in HVP_DTYPES:
+        raise AnalysisError(f"hvp_dtype must be one of {HVP_DTYPES}, got {hvp_dtype!r}")
+    if hvp_dtype != "float64" and method == "dense":
+        raise AnalysisError(f"hvp_dtype={hvp_dtype!r} is for the Krylov search; the dense "
+                            f"path (P = {n_params}) is float64 throughout: use "
+                            "method='krylov' or hvp_dtype='float64'")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise AnalysisError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
+                            f"{matmul_precision!r}")
     krylov_kw = dict(num_steps=lanczos_steps, num_probes=slq_probes, k=num_eigs,
-                     tol_mode=krylov_tol, deflate=deflate)
+                     tol_mode=krylov_tol, deflate=deflate, hvp_dtype=hvp_dtype,
+                     matmul_precision=matmul_precision)
     precision = precision_record(loss2, params, data)
+    precision["hvp_dtype"] = hvp_dtype
+    precision["search_matmul_precision"] = (matmul_precision or "highest") if (
+        hvp_dtype != "float64") else None
     scale = precision["unit_roundoff"] / EPS64
     say(f"analysing the given point ({method}, P = {n_params})"
         + (f"; the loss rounds in {precision['coarsest_dtype']}: allowance for ε = "

@@ -58,6 +58,9 @@ EPS64 = float(np.finfo(np.float64).eps)
 #: τ / max|θ| of the grid at which every Krylov run reports its sign fractions (the spectral
 #: CDF near zero): half-decades from 1e-12 to 1e-1.
 REL_TOL_GRID = tuple(float(10.0 ** e) for e in np.arange(-12.0, -0.99, 0.5))
+#: Safety factor on the measured low-precision HVP error (``check_matvec``): the operator-norm
+#: error of a random-like error matrix is about twice its error on a random unit vector.
+SEARCH_ERROR_FACTOR = 3.0
 #: Interval width below which a fraction counts as resolved (``resolved``, ``tol_mode``).
 RESOLVE_WIDTH = 0.05
 TOL_MODES = ("resolved", "machine")
@@ -157,6 +160,13 @@ class KrylovSpectrum(NamedTuple):
     extremal_residuals: Optional[Array] = None
     r"""(2k,) True residuals :math:`\lVert Hy - (y^\top Hy) y\rVert` of the same vectors: an
     eigenvalue lies within each of its Rayleigh quotient (Parlett 1998, Thm 4.5.1)."""
+    search_error: Optional[Array] = None
+    r"""η: the measured error of a low-precision search operator against float64 times
+    :data:`SEARCH_ERROR_FACTOR` (``check_matvec``; 0 without), included in ``slack``,
+    ``lambda_max_bound`` and the verdict's ``excluded_below``."""
+    num_check_matvecs: Optional[Array] = None
+    """float64 products spent on the proof and the error check with ``check_matvec``; the
+    low-precision ones, including the error check's, are in ``num_matvecs``."""
 
     @property
     def slq(self) -> SLQResult:
@@ -235,7 +245,10 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
                     target_tol: Optional[float] = None, target_rel_tol: float = 1e-4,
                     conv_tol: float = 1e-8, probe_batch: Optional[int] = None,
                     miss_probability: float = MISS_PROBABILITY,
-                    reorthogonalize: bool = True) -> KrylovSpectrum:
+                    reorthogonalize: bool = True,
+                    check_matvec: Optional[Callable[[Array], Array]] = None,
+                    num_checks: int = 4,
+                    search_error_factor: float = SEARCH_ERROR_FACTOR) -> KrylovSpectrum:
     r"""Extremal eigenvalues, a saddle verdict and sign fractions (with intervals).
 
     Parameters
@@ -300,6 +313,23 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
     reorthogonalize
         Full reorthogonalization in every run (default; without it ghost eigenvalues appear
         and the quadrature brackets are void).
+    check_matvec, num_checks, search_error_factor
+        *Search in low precision, prove in float64.* With ``check_matvec`` (the float64
+        operator H), ``matvec`` is a cheaper approximation :math:`\tilde H` (e.g. the HVP in
+        float32 or bfloat16, cast back to float64; the recurrence and reorthogonalization stay
+        in float64) on which every Lanczos run goes. Then (a) the Rayleigh quotients and true
+        residuals of the extremal Ritz vectors, and hence the verdict, the extremal pairs and
+        the deflation, are recomputed with ``check_matvec`` (2k float64 products): the proof
+        is a float64 proof whatever ``matvec`` was; (b) the search error
+        :math:`\eta = f\,\max_u \lVert \tilde H u - H u\rVert` over unit u (the first
+        ``num_checks`` probes and the 2k Ritz vectors; :math:`f` = ``search_error_factor``)
+        is added to the Weyl slack of the sign fractions (each eigenvalue of H is within
+        :math:`\lVert\tilde H - H\rVert_2` of one of :math:`\tilde H`'s symmetric part) and
+        to :math:`c` and the excluded level of the missed-eigenvalue statement. η is a
+        *measured estimate* of :math:`\lVert \tilde H - H\rVert_2`, not a bound: for an error
+        spread like a random matrix the norm is about twice the error on a random unit vector,
+        hence the default :math:`f = 3`. Cost: ``num_checks`` + 2k float64 products and as many
+        low-precision ones.
 
     Returns
     -------
@@ -343,19 +373,30 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
                                                            conv_tol)
     scale = jnp.max(jnp.where(e_valid, jnp.abs(e_nodes), 0.0))
     ys, ys_ok = _extremal_vectors(ext, vectors, k)
-    rq, rq_res = _rayleigh(matvec, ys if deflate else ys[:1])
+    checked = ys if deflate else ys[:1]
+    proof = matvec if check_matvec is None else check_matvec
+    rq, rq_res = _rayleigh(proof, checked)
     rounding = krylov_tolerance(jnp.where(e_valid, e_nodes, jnp.nan), dim)
-    c = top[0] + top_rho[0]
+    if check_matvec is None:
+        search_error, n_checks = jnp.zeros(()), 0
+    else:
+        n_checks = min(num_checks, num_probes)
+        units = jnp.concatenate([probes[:n_checks], jnp.where(ys_ok[:checked.shape[0], None],
+                                                              checked, 0.0)])
+        search_error = search_error_factor * _search_error(matvec, check_matvec, units)
+        n_checks += checked.shape[0]
+    c = top[0] + top_rho[0] + search_error
     verdict = krylov_verdict(rq[0], rq_res[0], rounding, c, dim, ext.num_valid,
                              miss_probability=miss_probability,
-                             exhausted=ext.num_valid < num_steps)
+                             exhausted=(ext.num_valid < num_steps) & (check_matvec is None))
+    verdict = verdict._replace(excluded_below=verdict.excluded_below + search_error)
 
     # 2. Deflation of the converged extremal pairs.
     if deflate:
-        use = ys_ok & (rq_res <= deflate_tol * scale)
+        use = ys_ok & (rq_res <= jnp.maximum(deflate_tol * scale, search_error))
         basis = jnp.where(use[:, None], ys, 0.0)
         deflated = jnp.where(use, rq, jnp.nan)
-        slack = jnp.sqrt(jnp.sum(jnp.where(use, rq_res, 0.0) ** 2))
+        slack = jnp.sqrt(jnp.sum(jnp.where(use, rq_res, 0.0) ** 2)) + search_error
 
         def project(v):
             v = v - basis.T @ (basis @ v)
@@ -366,7 +407,7 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
 
         probes = jax.vmap(project)(probes)
     else:
-        deflated, slack, op = jnp.full((2 * k,), jnp.nan), jnp.zeros(()), matvec
+        deflated, slack, op = jnp.full((2 * k,), jnp.nan), search_error, matvec
     mass = jnp.sum(probes**2, axis=1)
 
     def assemble(quad):
@@ -444,9 +485,21 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         lambda_max_bound=c, deflated=deflated,
         num_deflated=jnp.sum(~jnp.isnan(deflated)), slack=slack, probe_mass=mass,
         probe_steps=probe_steps, conv_tol=jnp.asarray(conv_tol, dtype=jnp.float64),
-        num_matvecs=num_steps + extra + num_probes * probe_steps, dim=jnp.asarray(dim),
+        num_matvecs=num_steps + num_probes * probe_steps + (
+            extra if check_matvec is None else n_checks), dim=jnp.asarray(dim),
         extremal_rayleigh=_pad_checked(rq, ys_ok, 2 * k),
-        extremal_residuals=_pad_checked(rq_res, ys_ok, 2 * k))
+        extremal_residuals=_pad_checked(rq_res, ys_ok, 2 * k),
+        search_error=search_error, num_check_matvecs=jnp.asarray(
+            0 if check_matvec is None else rq.shape[0] + n_checks))
+
+
+def _search_error(matvec, check_matvec, units):
+    """max over the unit rows u of ``units`` of ‖matvec(u) − check_matvec(u)‖ (zero rows
+    give 0): the measured error of a low-precision operator against float64."""
+    norms = jnp.linalg.norm(units, axis=1, keepdims=True)
+    u = units / jnp.where(norms > 0, norms, 1.0)
+    err = jax.vmap(lambda v: jnp.linalg.norm(matvec(v) - check_matvec(v)))(u)
+    return jnp.max(jnp.where(norms[:, 0] > 0, err, 0.0))
 
 
 def _pad_checked(values: Array, ok: Array, size: int) -> Array:
