@@ -66,6 +66,13 @@ flags.DEFINE_integer("slq_probes", 8, "SLQ probes (Krylov).")
 flags.DEFINE_integer("num_eigs", 5, "Eigenvalues reported at each end.")
 flags.DEFINE_enum("krylov_tol", "resolved", ["resolved", "machine"], "τ of the Krylov sign "
                   "fractions: the finest resolved grid value, or P·ε·max|θ|.")
+flags.DEFINE_enum("hvp_dtype", "float64", ["float64", "float32", "bfloat16"], "Precision of "
+                  "the Lanczos search's HVPs (Krylov). The proof stays float64: the Ritz pairs, "
+                  "verdict and margin are recomputed in float64 and the sign fractions widened by "
+                  "the measured HVP error.")
+flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
+                  "jax.default_matmul_precision of the low-precision search's dots (GPU: "
+                  "'default' allows TF32; TPU: bfloat16 passes). Recorded in config.json.")
 flags.DEFINE_float("eig_tol", None, "Eigenvalue tolerance τ (overrides the default).")
 flags.DEFINE_integer("seed", 0, "Seed of the Krylov probes and of an NNX model's Rngs.")
 flags.DEFINE_string("out_dir", "runs/analyze", "Results directory.")
@@ -73,7 +80,7 @@ flags.DEFINE_bool("overwrite", False, "Replace results of a different configurat
 
 from crit.analysis import REPORT_OUTPUTS as OUTPUTS  # noqa: E402
 NOT_PROTOCOL = ("out_dir", "overwrite")
-KRYLOV_ONLY = ("lanczos_steps", "slq_probes", "krylov_tol")
+KRYLOV_ONLY = ("lanczos_steps", "slq_probes", "krylov_tol", "hvp_dtype", "matmul_precision")
 from crit.analysis import REPORT_COLUMNS as CSV_COLUMNS  # noqa: E402
 
 
@@ -104,6 +111,9 @@ def validate() -> list[str]:
     if FLAGS.method == "dense":
         e += [f"--{n}: does not apply to --method=dense (it would be ignored)"
               for n in KRYLOV_ONLY if FLAGS[n].present]
+    if FLAGS["matmul_precision"].present and FLAGS.hvp_dtype == "float64":
+        e.append("--matmul_precision: applies to a low-precision search (--hvp_dtype=float32 "
+                 "or bfloat16); float64 dots are not affected")
     if FLAGS["refine_iters"].present and not FLAGS.refine:
         e.append("--refine_iters: applies only with --refine")
     out = Path(FLAGS.out_dir)
@@ -248,7 +258,9 @@ def main(argv):
             refine_iters=FLAGS.refine_iters, minres_iters=FLAGS.minres_iters or None,
             method=method, dense_max_params=FLAGS.dense_max_params, eig_tol=FLAGS.eig_tol,
             lanczos_steps=FLAGS.lanczos_steps, slq_probes=FLAGS.slq_probes,
-            num_eigs=FLAGS.num_eigs, krylov_tol=FLAGS.krylov_tol, progress=progress)
+            num_eigs=FLAGS.num_eigs, krylov_tol=FLAGS.krylov_tol, hvp_dtype=FLAGS.hvp_dtype,
+            matmul_precision=FLAGS.matmul_precision if FLAGS.hvp_dtype != "float64" else None,
+            progress=progress)
     except AnalysisError as exc:
         raise app.UsageError(str(exc)) from None
     store.write_csv(out_dir / "analysis.csv", csv_columns(report))

@@ -131,4 +131,10 @@ def test_app_refuses_bad_input_before_compute(fork, tmp_path):
     proc = run_app("analyze", *_args(root, out, "--method=dense", "--lanczos_steps=10"),
                    env=env, check=False)
     assert proc.returncode != 0 and "--lanczos_steps" in proc.stderr
+    # a low-precision search means nothing for a dense Hessian (P = 13 under auto)
+    proc = run_app("analyze", *_args(root, out, "--hvp_dtype=float32"), env=env, check=False)
+    assert proc.returncode != 0 and "--hvp_dtype" in proc.stderr
+    proc = run_app("analyze", *_args(root, out, "--matmul_precision=default"), env=env,
+                   check=False)
+    assert proc.returncode != 0 and "--matmul_precision" in proc.stderr
     assert not (out / "report.json").exists()
