@@ -69,7 +69,8 @@ EPS64 = float(np.finfo(np.float64).eps)
 #: No sign fraction counts as resolved at τ above this fraction of max|λ|: at τ = 0.1·λ_max a
 #: "resolved" min ratio says little about the sign of the bulk (issue 24, point 5).
 RESOLVE_CEILING = 1e-2
-MARGIN_MATVECS = 50 + 3  # crit.nearby.nearby_margin: MINRES step, then y'H(θ+s)y and y'H(θ)y
+MARGIN_STEP_MATVECS = 50  # crit.nearby.nearby_margin: the MINRES step (search precision)
+MARGIN_MATVECS = MARGIN_STEP_MATVECS + 3  # ... then y'H(θ+s)y and y'H(θ)y (float64)
 LOG_DENSITY_POINTS = 600
 
 #: What ``experiments.analyze`` writes: the files, and the columns of analysis.csv (one row per
@@ -365,13 +366,15 @@ def _krylov_stage(loss2, params, data, key, dim, eig_tol, krylov_items, hvp_dtyp
     loss = loss_fn(params)
     grad, matvec = hvp_operator(loss_fn, params)
     if hvp_dtype == "float64":
+        search = None
         spec = krylov_spectrum(matvec, key, dim, tol=eig_tol, **dict(krylov_items))
     else:
         with jax.default_matmul_precision(matmul_precision or "highest"):
             search = search_operator(loss2, params, data, hvp_dtype)
         spec = krylov_spectrum(search, key, dim, tol=eig_tol, check_matvec=matvec,
                                **dict(krylov_items))
-    margin = nearby_margin(loss_fn, params, spec.escape_direction)
+    # the margin's MINRES step is an estimate: in the search precision; its curvatures float64
+    margin = nearby_margin(loss_fn, params, spec.escape_direction, step_matvec=search)
     return loss, jnp.linalg.norm(grad), spec, margin, slq_densities(spec)
 
 
@@ -526,11 +529,12 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
                                          np.nan),
         weights=np.where(np.asarray(spec.node_valid), np.asarray(spec.weights), 0.0),
         escape_direction=np.asarray(spec.escape_direction), escape_t=None, escape_loss=None,
-        escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + MARGIN_MATVECS,
+        escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + (
+            MARGIN_MATVECS if search[0] == "float64" else MARGIN_STEP_MATVECS),
         density={k: np.asarray(v) for k, v in density.items()}, hvp_dtype=search[0],
         search_error=float(spec.search_error),
-        num_check_matvecs=int(spec.num_check_matvecs) + (MARGIN_MATVECS if search[0] !=
-                                                          "float64" else 0))
+        num_check_matvecs=int(spec.num_check_matvecs) + (
+            0 if search[0] == "float64" else MARGIN_MATVECS - MARGIN_STEP_MATVECS))
 
 
 def _extremal_pairs(spec):

@@ -109,7 +109,8 @@ def _unit(v: Array) -> Array:
 
 def nearby_margins(loss_fn: Callable[[Params], Array], params: Params, directions: Array, *,
                    minres_iters: int = 50, minres_tol: float = 1e-12,
-                   hvp_batch: Optional[BatchedLoss] = None) -> NearbyMargin:
+                   hvp_batch: Optional[BatchedLoss] = None,
+                   step_matvec: Optional[Callable[[Array], Array]] = None) -> NearbyMargin:
     """:func:`nearby_margin` for the rows of ``directions`` (k, P) at once: one Newton step,
     2k Hessian-vector products. Fields ``curvature_shift``, ``margin``, ``ratio`` have shape
     (k,); ``step_norm`` and ``grad_norm`` are scalars."""
@@ -118,7 +119,8 @@ def nearby_margins(loss_fn: Callable[[Params], Array], params: Params, direction
     _, point = _operators(loss_fn, unravel, hvp_batch)
     g, matvec = point(theta)
     gnorm = jnp.linalg.norm(g)
-    s = minres(matvec, -g, minres_iters, minres_tol).solution
+    s = minres(matvec if step_matvec is None else step_matvec, -g, minres_iters,
+               minres_tol).solution
     s = jnp.where(jnp.all(jnp.isfinite(s)), s, jnp.full_like(s, jnp.inf))
     _, matvec_s = point(theta + jnp.where(jnp.isfinite(s), s, 0.0))
     ys = jax.vmap(_unit)(jnp.asarray(directions, jnp.float64).reshape(-1, theta.shape[0]))
@@ -135,7 +137,8 @@ def nearby_margins(loss_fn: Callable[[Params], Array], params: Params, direction
 
 def nearby_margin(loss_fn: Callable[[Params], Array], params: Params, direction: Array, *,
                   minres_iters: int = 50, minres_tol: float = 1e-12,
-                  hvp_batch: Optional[BatchedLoss] = None) -> NearbyMargin:
+                  hvp_batch: Optional[BatchedLoss] = None,
+                  step_matvec: Optional[Callable[[Array], Array]] = None) -> NearbyMargin:
     r"""The margin for the curvature along ``direction`` at the critical point near ``params``.
 
     Parameters
@@ -155,6 +158,10 @@ def nearby_margin(loss_fn: Callable[[Params], Array], params: Params, direction:
     hvp_batch
         Optional :class:`crit.newton_mr.BatchedLoss`: gradients and HVPs summed over data
         batches (memory of one batch), as in Newton-MR.
+    step_matvec
+        Optional cheaper operator for the MINRES step only (e.g. the float32 HVP of a
+        low-precision search, :func:`crit.analysis.search_operator`): the step is part of an
+        estimate, while both curvatures :math:`y^\top H y` stay float64.
 
     Returns
     -------
@@ -164,7 +171,8 @@ def nearby_margin(loss_fn: Callable[[Params], Array], params: Params, direction:
         one more HVP at θ.
     """
     m = nearby_margins(loss_fn, params, jnp.reshape(direction, (1, -1)),
-                       minres_iters=minres_iters, minres_tol=minres_tol, hvp_batch=hvp_batch)
+                       minres_iters=minres_iters, minres_tol=minres_tol, hvp_batch=hvp_batch,
+                       step_matvec=step_matvec)
     return m._replace(curvature_shift=m.curvature_shift[0], margin=m.margin[0],
                       ratio=m.ratio[0])
 

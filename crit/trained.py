@@ -103,6 +103,12 @@ def to_float64(tree):
     return jax.tree.map(cast, tree)
 
 
+def _cast_state(state, dtype):
+    """Floating leaves of the model state in ``dtype`` (a no-op for float64 parameters)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                        else a, state)
+
+
 def _cast_input(x, params):
     """Floating data follow the parameters' dtype (float64); integer tokens stay integers."""
     if jnp.issubdtype(x.dtype, jnp.floating):
@@ -187,7 +193,7 @@ def _nnx_eval_copy(module, batchnorm: str):
     model = nnx.clone(module)
     model.eval()
     if batchnorm == "batch":
-        for _, sub in model.iter_modules():
+        for _, sub in nnx.iter_modules(model):
             if hasattr(sub, "use_running_average"):
                 sub.use_running_average = False
     return model
@@ -446,7 +452,10 @@ def data_objective(model: TrainedModel, loss="mse", batch_size: int = 0, l2: flo
     state = model.state
 
     def batch(params, xb, yb):
-        return point_loss(model.apply_fn(params, xb, state), yb)
+        # the state follows the parameters' precision, as the inputs do (_cast_input): a
+        # float32 search (crit.analysis.search_operator) runs BatchNorm in float32 too
+        dtype = jax.tree.leaves(params)[0].dtype
+        return point_loss(model.apply_fn(params, xb, _cast_state(state, dtype)), yb)
 
     def objective(params, data):
         x, y = data
