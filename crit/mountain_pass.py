@@ -42,10 +42,23 @@ gradient. :func:`certify_top` turns the climbing image into a claim with evidenc
    * ``higher_index`` -- two or more eigenvalues < −τ;
    * ``degenerate`` -- at most one eigenvalue < −τ and some within ±τ (the second-order test
      is inconclusive), or an index-1 count whose λ_0 or λ_1 is within τ + m of zero;
-   * ``drifted_to_minimum`` -- every eigenvalue > τ: Newton slid off the pass into a minimum.
+   * ``drifted_to_minimum`` -- every eigenvalue > τ: Newton slid off the pass into a minimum;
+   * ``index_ge_1`` -- Lanczos only: one eigenvalue < −τ proven and the second Ritz value
+     clears τ + m, but the run did not span R^P (it broke down on an invariant subspace, or
+     took fewer than P steps). Ritz values only bound eigenvalues from above
+     (:math:`\theta_j \ge \lambda_j`, Cauchy interlacing), and a residual interval
+     :math:`[\theta_1 - \rho_1, \theta_1 + \rho_1]` proves that *an* eigenvalue lies there,
+     not that none lies below it: a second negative eigenvalue that the Krylov space missed (a
+     repeated one is always missed) is not excluded, so the index is only known to be ≥ 1.
+     A run that spans R^P (P steps without breakdown) has the eigenvalues of H as its Ritz
+     values, and then ``index_1_saddle`` is exact.
 
 The barrier after refinement is :math:`L(\theta_s) - \max(L(\theta_a), L(\theta_b))`.
 Everything is a pure function with static sizes, so many tops are certified under ``vmap``.
+Parameters are pytrees, as in :mod:`crit.paths`: ``loss_fn`` takes one parameter pytree, a
+point is one (a flat vector is the pytree of one leaf), and a band's images are a stacked
+pytree; inside, points are flattened with ``ravel_pytree`` (float64), and the eigenvalues and
+Ritz vectors are of the flat Hessian.
 
 References
 ----------
@@ -60,33 +73,35 @@ References
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from crit.critical import CRITICAL, certify, newton_critical_point
 from crit.hessian import dense_hessian, hvp_operator
 from crit.lanczos import extremal_eigenpairs
 from crit.nearby import nearby_margins
 from crit.newton_mr import newton_mr_critical_point
-from crit.paths import Band, barrier_height
+from crit.paths import Band, barrier_height, flatten_chain, image, unflatten_chain
 from crit.spectrum import default_tolerance
 
 Array = jax.Array
+Params = Any
 
 SADDLE_LABELS = ("index_1_saddle", "higher_index", "degenerate", "drifted_to_minimum",
-                 "not_converged", "no_barrier")
+                 "not_converged", "no_barrier", "index_ge_1")
 (INDEX_1_SADDLE, HIGHER_INDEX, DEGENERATE, DRIFTED_TO_MINIMUM, NOT_CONVERGED,
- NO_BARRIER) = range(len(SADDLE_LABELS))
+ NO_BARRIER, INDEX_GE_1) = range(len(SADDLE_LABELS))
 
 
 class SaddleCertificate(NamedTuple):
     """What the top of one path turned out to be (see the module docstring).
 
-    ``theta`` (P,) the refined point; ``loss``, ``grad_norm``; ``status`` a
+    ``theta`` the refined point (a pytree like the climbing image); ``loss``, ``grad_norm``; ``status`` a
     :data:`crit.critical.STATUSES` code; ``iterations`` of the finder; ``n_neg``, ``n_null`` at
     tolerance ``tolerance``; ``lambda_min`` and ``lambda_next`` (smallest two eigenvalues or
     Ritz values); ``eigenvalues`` (all P ascending when dense, else the ``lanczos_k`` smallest
@@ -115,11 +130,15 @@ class SaddleCertificate(NamedTuple):
     margin: Array
 
 
-def saddle_label(critical, n_neg, n_null, has_barrier, clears_margin=True) -> Array:
+def saddle_label(critical, n_neg, n_null, has_barrier, clears_margin=True,
+                 second_excluded=True) -> Array:
     """The :data:`SADDLE_LABELS` code from the certificate and the eigenvalue counts;
     ``clears_margin`` False turns an index-1 count into ``degenerate`` (the two eigenvalues
-    that decide it are within τ + margin of zero, see the module docstring)."""
-    index_1 = jnp.where(clears_margin, INDEX_1_SADDLE, DEGENERATE)
+    that decide it are within τ + margin of zero, see the module docstring);
+    ``second_excluded`` False (a Lanczos run that did not span R^P) turns it into
+    ``index_ge_1``."""
+    index_1 = jnp.where(clears_margin, jnp.where(second_excluded, INDEX_1_SADDLE, INDEX_GE_1),
+                        DEGENERATE)
     code = jnp.where(n_neg >= 2, HIGHER_INDEX,
                      jnp.where(n_null > 0, DEGENERATE,
                                jnp.where(n_neg == 1, index_1, DRIFTED_TO_MINIMUM)))
@@ -132,7 +151,8 @@ def _dense_counts(energy_fn, theta, eig_tol):
     tau = default_tolerance(lam) if eig_tol is None else jnp.asarray(eig_tol, lam.dtype)
     n_neg = jnp.sum(lam < -tau)
     n_null = jnp.sum(jnp.abs(lam) <= tau)
-    return lam, tau, n_neg, n_null, jnp.max(jnp.abs(lam)), vec[:, :2].T, jnp.zeros(2)
+    return (lam, tau, n_neg, n_null, jnp.max(jnp.abs(lam)), vec[:, :2].T, jnp.zeros(2),
+            jnp.asarray(True))
 
 
 def _lanczos_counts(energy_fn, theta, eig_tol, key, num_steps, k):
@@ -149,7 +169,15 @@ def _lanczos_counts(energy_fn, theta, eig_tol, key, num_steps, k):
     n_null = jnp.sum(ok & (jnp.abs(small.values) <= tau + small.residuals))
     lam = jnp.full((p,), jnp.nan, theta.dtype).at[:k].set(small.values)
     two = jnp.arange(2) % k  # the vectors and residuals of λ_0, λ_1 (k = 1: λ_0 twice)
-    return lam, tau, n_neg, n_null, scale, small.vectors[two], small.residuals[two]
+    # P steps without breakdown: the Ritz values are the eigenvalues of H, none is missed
+    spans = (pairs.num_valid >= p) & (k >= 2 or p == 1)
+    return (lam, tau, n_neg, n_null, scale, small.vectors[two], small.residuals[two], spans)
+
+
+def _flat(loss_fn: Callable, params) -> tuple[Array, Callable, Callable]:
+    """(θ float64 (P,), flat energy, unravel) of a parameter pytree."""
+    theta, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params))
+    return theta, (lambda t: loss_fn(unravel(t))), unravel
 
 
 class FollowResult(NamedTuple):
@@ -160,7 +188,7 @@ class FollowResult(NamedTuple):
     iterations: Array
 
 
-def eigenvector_following(energy_fn: Callable[[Array], Array], theta: Array, max_step,
+def eigenvector_following(loss_fn: Callable[[Params], Array], params: Params, max_step,
                           num_iters: int = 100, grad_tol: float = 1e-8,
                           eig_floor: float = 1e-10) -> FollowResult:
     r"""Walk to an index-1 saddle: uphill along the lowest Hessian mode, downhill along the rest.
@@ -177,8 +205,9 @@ def eigenvector_following(energy_fn: Callable[[Array], Array], theta: Array, max
     to a non-degenerate index-1 saddle it is Newton's step and converges quadratically. crit
     uses it between the band's climbing image -- which on a flat, ill-conditioned loss can have
     a small gradient yet lie far outside Newton's basin -- and the Newton polish. Dense Hessian:
-    small P only. Returns the iterate with the smallest ‖g‖.
+    small P only. Returns the iterate with the smallest ‖g‖ (a pytree like ``params``).
     """
+    theta, energy_fn, unravel = _flat(loss_fn, params)
     grad = jax.grad(energy_fn)
 
     def cond(state):
@@ -201,22 +230,22 @@ def eigenvector_following(energy_fn: Callable[[Array], Array], theta: Array, max
 
     g0 = jnp.linalg.norm(grad(theta))
     i, _, best, best_norm = jax.lax.while_loop(cond, body, (jnp.asarray(0), theta, theta, g0))
-    return FollowResult(best, best_norm, i)
+    return FollowResult(unravel(best), best_norm, i)
 
 
-def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losses: Array,
+def certify_top(loss_fn: Callable[[Params], Array], theta_top: Params, end_losses: Array,
                 has_barrier=True, *, grad_tol: float = 1e-8, eig_tol: Optional[float] = None,
                 max_iters: int = 30, dense_max_params: int = 2000, lanczos_steps: int = 90,
                 lanczos_k: int = 4, minres_iters: int = 100, follow_iters: int = 1000,
                 max_step=None, key: Optional[Array] = None) -> SaddleCertificate:
-    """Refine ``theta_top`` (flat, (P,)) to a critical point, certify it, count its index, label it.
+    """Refine ``theta_top`` to a critical point, certify it, count its index, label it.
 
     Parameters
     ----------
-    energy_fn
-        Scalar loss of a flat parameter vector.
+    loss_fn
+        Scalar loss of one parameter pytree.
     theta_top
-        Starting point: the band's climbing image.
+        Starting point (a pytree): the band's climbing image.
     end_losses
         (2,) losses of the two minima, for the barrier.
     has_barrier
@@ -237,9 +266,10 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
     dense_max_params
         Dense Hessian and :func:`crit.critical.newton_critical_point` up to this P; above it,
         Newton-MR (``minres_iters`` HVPs per step) and ``lanczos_steps`` Lanczos steps (k =
-        ``lanczos_k`` smallest Ritz values, random start from ``key``).
+        ``lanczos_k`` smallest Ritz values, random start from ``key``); ``index_1_saddle``
+        there only when the run spans R^P, else ``index_ge_1`` (module docstring).
     """
-    theta_top = jnp.asarray(theta_top, jnp.float64)
+    theta_top, energy_fn, unravel = _flat(loss_fn, theta_top)
     p = theta_top.shape[0]
     dense = p <= dense_max_params
     if dense:
@@ -250,14 +280,14 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
                                           grad_tol).theta
         found = newton_critical_point(energy_fn, start, max_iters=max_iters,
                                       grad_tol=grad_tol)
-        lam, tau, n_neg, n_null, hnorm, ys, rho = _dense_counts(energy_fn, found.params,
-                                                                eig_tol)
+        lam, tau, n_neg, n_null, hnorm, ys, rho, spans = _dense_counts(
+            energy_fn, found.params, eig_tol)
     else:
         found = newton_mr_critical_point(energy_fn, theta_top, max_iters=max_iters,
                                          minres_iters=minres_iters, grad_tol=grad_tol)
         key = jax.random.PRNGKey(0) if key is None else key
         steps = min(lanczos_steps, p)
-        lam, tau, n_neg, n_null, hnorm, ys, rho = _lanczos_counts(
+        lam, tau, n_neg, n_null, hnorm, ys, rho, spans = _lanczos_counts(
             energy_fn, found.params, eig_tol, key, steps, min(lanczos_k, steps))
     cert = certify(energy_fn, found.params, hnorm, grad_tol)
     critical = cert.status == CRITICAL
@@ -266,11 +296,11 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
                                     minres_iters=minres_iters).margin)
     clears = ((lam[0] + rho[0] < -(tau + margin))
               & (jnp.nan_to_num(lam[1], nan=jnp.inf) - rho[1] > tau + margin))
-    label = saddle_label(critical, n_neg, n_null, has_barrier, clears)
+    label = saddle_label(critical, n_neg, n_null, has_barrier, clears, spans)
     nan = jnp.asarray(jnp.nan, theta_top.dtype)
     keep = lambda x: jnp.where(has_barrier, x, nan)  # noqa: E731
     return SaddleCertificate(
-        theta=jnp.where(has_barrier, found.params, nan), loss=keep(cert.loss),
+        theta=jax.tree.map(keep, unravel(found.params)), loss=keep(cert.loss),
         grad_norm=keep(cert.grad_norm), status=cert.status, iterations=found.iterations,
         n_neg=jnp.where(has_barrier, n_neg, -1), n_null=jnp.where(has_barrier, n_null, -1),
         tolerance=keep(tau), lambda_min=keep(lam[0]), lambda_next=keep(lam[1]),
@@ -283,7 +313,7 @@ def certify_top(energy_fn: Callable[[Array], Array], theta_top: Array, end_losse
 class Connection(NamedTuple):
     """Where steepest descent from both sides of a saddle ends (:func:`descent_connection`).
 
-    ``ends`` (2, P) the two end points; ``dist_a``, ``dist_b`` (2,) their distances to the
+    ``ends`` the two end points (a stacked pytree like the band's images); ``dist_a``, ``dist_b`` (2,) their distances to the
     band's first and last image θ_a, θ_b; ``connects`` True when one side ends within
     ``tol``·‖θ_b − θ_a‖ of θ_a and the other of θ_b (the saddle is the pass between exactly
     these two minima); ``path_dist`` (2,) distances of the ends to the band (as a polyline),
@@ -301,8 +331,11 @@ class Connection(NamedTuple):
     on_path: Array
 
 
-def project_on_path(images: Array, x: Array) -> tuple[Array, Array]:
-    """(distance, arc position) of the point of the polyline R_0 … R_{N−1} nearest to x."""
+def project_on_path(images: Any, x: Params) -> tuple[Array, Array]:
+    """(distance, arc position) of the point of the polyline R_0 … R_{N−1} nearest to x
+    (a chain as a stacked pytree and a point, flattened)."""
+    images = flatten_chain(images)[0]
+    x = ravel_pytree(x)[0]
     seg = jnp.diff(images, axis=0)
     length = jnp.linalg.norm(seg, axis=1)
     t = jnp.clip(jnp.sum((x - images[:-1]) * seg, axis=1) / jnp.maximum(length ** 2, 1e-300),
@@ -313,26 +346,48 @@ def project_on_path(images: Array, x: Array) -> tuple[Array, Array]:
     return dist[i], arc[i] + t[i] * length[i]
 
 
-def descent_connection(energy_fn: Callable[[Array], Array], saddle: Array, images: Array,
+def _softest_direction(energy_fn, theta, dense_max_params, lanczos_steps, key):
+    """Unit vector of the smallest Hessian eigenvalue at θ: eigh of the dense Hessian up to
+    ``dense_max_params`` parameters, else the smallest Ritz vector of one Lanczos run of
+    ``min(lanczos_steps, P)`` HVPs (full reorthogonalization, random start from ``key``)."""
+    p = theta.shape[0]
+    if p <= dense_max_params:
+        return jnp.linalg.eigh(dense_hessian(energy_fn, theta))[1][:, 0]
+    _, matvec = hvp_operator(energy_fn, theta)
+    key = jax.random.PRNGKey(0) if key is None else key
+    v0 = jax.random.normal(key, (p,), theta.dtype)
+    return extremal_eigenpairs(matvec, v0, min(lanczos_steps, p), 1).smallest.vectors[0]
+
+
+def descent_connection(loss_fn: Callable[[Params], Array], saddle: Params, images: Any,
                        climbing, num_steps: int = 3000, learning_rate: float = 1e-2,
-                       displacement: float = 1e-2, tol: float = 0.05) -> Connection:
+                       displacement: float = 1e-2, tol: float = 0.05,
+                       dense_max_params: int = 2000, lanczos_steps: int = 90,
+                       key: Optional[Array] = None) -> Connection:
     r"""Which minima does the saddle join? Descend from :math:`\theta_s \pm \delta u_0`.
 
-    :math:`u_0` is the eigenvector of the smallest Hessian eigenvalue (dense: small P), and
-    :math:`\delta` = ``displacement``·‖θ_b − θ_a‖ with θ_a, θ_b the first and last of the band's
-    ``images`` ((N, P); ``climbing`` the index of its climbing image). Each side runs
+    :math:`u_0` is the eigenvector of the smallest Hessian eigenvalue: dense ``eigh`` for
+    P ≤ ``dense_max_params``, above it the smallest Ritz vector of ``lanczos_steps`` Lanczos
+    steps with HVPs (random start from ``key``), so no P × P matrix is formed (the same
+    threshold as :func:`certify_top`; the direction only has to point off the ridge, so an
+    unconverged Ritz vector with a component along :math:`u_0` still works). :math:`\delta` =
+    ``displacement``·‖θ_b − θ_a‖ with θ_a, θ_b the first and last of the band's ``images`` (a
+    stacked pytree; ``saddle`` a pytree like one image; ``climbing`` the index of the band's
+    climbing image). Each side runs
     ``num_steps`` of Adam with a cosine-decayed step (a discretized steepest-descent path, the
     "intrinsic reaction coordinate" check of chemistry: Fukui 1970). A top found by refinement
     may be an index-1 saddle that is not a pass of this path (refinement can slide along a
     ridge to another pass); ``on_path`` tells them apart, and ``connects`` says whether it is
     the single pass between the two end minima. Non-finite saddles give False for both.
     """
+    saddle, energy_fn, unravel = _flat(loss_fn, saddle)
+    images = flatten_chain(images)[0].astype(saddle.dtype)
     a, b = images[0], images[-1]
     finite = jnp.all(jnp.isfinite(saddle))
     saddle = jnp.nan_to_num(saddle)
-    _, u = jnp.linalg.eigh(dense_hessian(energy_fn, saddle))
+    u0 = _softest_direction(energy_fn, saddle, dense_max_params, lanczos_steps, key)
     step = displacement * jnp.linalg.norm(b - a)
-    starts = jnp.stack([saddle + step * u[:, 0], saddle - step * u[:, 0]])
+    starts = jnp.stack([saddle + step * u0, saddle - step * u0])
     opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=1e-3))
     grad = jax.grad(energy_fn)
 
@@ -355,8 +410,8 @@ def descent_connection(energy_fn: Callable[[Array], Array], saddle: Array, image
     climb_arc = project_on_path(images, images[climbing])[1]
     on_path = ((jnp.max(path_dist) <= spacing) & (jnp.min(path_arc) < climb_arc)
                & (climb_arc < jnp.max(path_arc)))
-    return Connection(ends, dist_a, dist_b, connects & finite, path_dist, path_arc,
-                      on_path & finite)
+    return Connection(unflatten_chain(ends, unravel), dist_a, dist_b, connects & finite,
+                      path_dist, path_arc, on_path & finite)
 
 
 def has_interior_maximum(band: Band, barrier_tol: float = 0.0) -> Array:
@@ -364,15 +419,18 @@ def has_interior_maximum(band: Band, barrier_tol: float = 0.0) -> Array:
     return barrier_height(band.energies) > barrier_tol
 
 
-def certify_band_top(energy_fn: Callable[[Array], Array], band: Band,
+def certify_band_top(loss_fn: Callable[[Params], Array], band: Band,
                      barrier_tol: float = 0.0, **kwargs) -> SaddleCertificate:
     """:func:`certify_top` from a band's climbing image; ``no_barrier`` when the band has no
-    interior maximum above ``barrier_tol`` (:func:`has_interior_maximum`). Keywords go to
-    :func:`certify_top`. ``vmap`` it over a batch of bands."""
+    interior maximum above ``barrier_tol`` (:func:`has_interior_maximum`). ``loss_fn`` takes
+    one parameter pytree, as in :func:`crit.paths.relax_band` (the band's images are a stacked
+    pytree of that shape). Keywords go to :func:`certify_top`. ``vmap`` it over a batch of
+    bands."""
     ends = jnp.stack([band.energies[0], band.energies[-1]])
-    spacing = jnp.mean(jnp.linalg.norm(jnp.diff(band.images, axis=0), axis=1))
+    flat = flatten_chain(band.images)[0]
+    spacing = jnp.mean(jnp.linalg.norm(jnp.diff(flat, axis=0), axis=1))
     kwargs.setdefault("max_step", jnp.where(spacing > 0, 0.1 * spacing, 1e-3))
-    return certify_top(energy_fn, band.images[band.climbing], ends,
+    return certify_top(loss_fn, image(band.images, band.climbing), ends,
                        has_interior_maximum(band, barrier_tol), **kwargs)
 
 

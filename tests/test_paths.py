@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import crit  # noqa: F401  (float64)
 from crit import align, paths, toy
@@ -258,3 +259,162 @@ def test_certify_top_labels_a_minimum_as_drifted():
     cert = jax.jit(lambda t: certify_top(paths.muller_brown, t, jnp.zeros(2), follow_iters=0))(
         jnp.array([0.62, 0.03]))
     assert label_names(cert.label) == "drifted_to_minimum" and int(cert.n_neg) == 0
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def test_defaults_converge_on_the_tested_surfaces_and_certify_the_known_saddles():
+    """Under relax_band's defaults (500 Adam steps, climbing after 100, converged at 10⁻³ of
+    the starting chain's largest gradient norm) every band here reports converged, and its
+    certified top is the known saddle. With the earlier absolute 10⁻⁴ none of the Müller-Brown
+    bands did (their perpendicular forces stall at 1e-2 to 0.3 for gradients of 10²-10³)."""
+    toy_band = jax.jit(lambda a, b: paths.nudged_elastic_band(toy.toy_loss, a, b))(
+        jnp.array([1.0, 1.0]), jnp.array([-1.0, -1.0]))
+    assert bool(toy_band.converged)
+    cert = jax.jit(lambda b: certify_band_top(toy.toy_loss, b))(toy_band)
+    assert label_names(cert.label) == "index_1_saddle"
+    np.testing.assert_allclose(cert.theta, [0.0, 0.0], atol=1e-8)
+
+    f = paths.muller_brown
+    minima = jax.jit(jax.vmap(lambda t: newton_critical_point(f, t).params))(
+        jnp.asarray(paths.MULLER_BROWN_MINIMA))
+    bands = jax.jit(lambda s, e: paths.many_bands(f, s, e))(minima[:2], minima[1:])
+    np.testing.assert_array_equal(bands.converged, [True, True])
+    assert np.all(np.asarray(bands.steps) < 500)  # stopped by the test, not the step bound
+    # the threshold is 10⁻³ of the starting forces, which are 10² to 10³ here
+    start = jax.vmap(lambda a, b: paths.linear_path(a, b, 11))(minima[:2], minima[1:])
+    f0 = jnp.max(jnp.linalg.norm(jax.vmap(jax.vmap(jax.grad(f)))(start[:, 1:-1]), axis=2),
+                 axis=1)
+    np.testing.assert_allclose(bands.force_tol, 1e-3 * f0, rtol=1e-12)
+    assert np.all(np.asarray(bands.perp_force) <= np.asarray(bands.force_tol))
+    certs = jax.jit(jax.vmap(lambda b: certify_band_top(f, b)))(bands)
+    np.testing.assert_array_equal(certs.label, [INDEX_1_SADDLE, INDEX_1_SADDLE])
+    np.testing.assert_allclose(certs.theta, PUBLISHED_SADDLES, atol=1e-3)
+    # an absolute tolerance is still honoured as given
+    strict = jax.jit(lambda a, b: paths.nudged_elastic_band(f, a, b, force_tol=1e-4))(
+        minima[0], minima[1])
+    assert not bool(strict.converged) and float(strict.force_tol) == 1e-4
+
+
+# ----------------------------------------------------------------------------- (c), point 5
+
+
+def test_descent_connection_above_dense_max_params_forms_no_dense_hessian(monkeypatch):
+    """Above ``dense_max_params`` the descent direction is a Lanczos Ritz vector (HVPs): with
+    the dense Hessian made to fail, both Müller-Brown saddles still connect their minima."""
+    import crit.mountain_pass as mp
+
+    f = paths.muller_brown
+    minima = jax.vmap(lambda t: newton_critical_point(f, t).params)(
+        jnp.asarray(paths.MULLER_BROWN_MINIMA))
+    images = jax.vmap(lambda a, b: paths.linear_path(a, b, 11))(minima[:2], minima[1:])
+    saddles = jnp.asarray(PUBLISHED_SADDLES)
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("dense Hessian formed above dense_max_params")
+
+    monkeypatch.setattr(mp, "dense_hessian", no_dense)
+    conn = jax.jit(jax.vmap(lambda s, im: mp.descent_connection(
+        f, s, im, 5, num_steps=1000, dense_max_params=1, lanczos_steps=2)))(saddles, images)
+    np.testing.assert_array_equal(conn.connects, [True, True])
+
+
+def test_lanczos_branch_says_index_ge_1_when_a_second_negative_eigenvalue_can_hide():
+    """H = diag(−1, −1, 2): the Krylov space holds one vector of the double eigenvalue −1, so
+    Lanczos breaks down after 2 steps with Ritz values −1, 2 and a residual-checked positive
+    second one. That does not exclude a second negative eigenvalue (here there is one): the
+    Lanczos label is index_ge_1, never index_1_saddle; the dense count is higher_index. A run
+    that spans R^P (the toy, P = 2) keeps index_1_saddle."""
+    def double(t):
+        return -0.5 * t[0] ** 2 - 0.5 * t[1] ** 2 + t[2] ** 2
+
+    def label(dense_max_params):
+        cert = jax.jit(lambda t: certify_top(double, t, jnp.full(2, -1.0), follow_iters=0,
+                                             dense_max_params=dense_max_params,
+                                             lanczos_steps=3, lanczos_k=2))(jnp.zeros(3))
+        return str(label_names(cert.label)), int(cert.n_neg)
+
+    assert label(1) == ("index_ge_1", 1)
+    assert label(100) == ("higher_index", 2)
+    cert = certify_top(toy.toy_loss, jnp.array([0.01, -0.01]), jnp.zeros(2),
+                       dense_max_params=1, lanczos_steps=2, lanczos_k=2)
+    assert label_names(cert.label) == "index_1_saddle"
+
+
+# ----------------------------------------------------------------------------- pytrees
+
+
+def toy_tree_loss(params):
+    """The lecture toy over a parameter pytree {"w1": (1,), "w2": ()}."""
+    return (1.0 - params["w1"][0] * params["w2"]) ** 2
+
+
+def as_tree(theta):
+    return {"w1": theta[..., :1], "w2": theta[..., 1]}
+
+
+def flat_chain(images):
+    return paths.flatten_chain(images)[0]
+
+
+def test_pytree_paths_api_agrees_with_the_flat_one():
+    """One convention: every function takes a loss of a parameter pytree, points as pytrees and
+    chains as stacked pytrees. On the toy as a pytree the band, its certified top, the line, the
+    descent connection, AutoNEB and many bands agree with the same calls on flat vectors (a flat
+    vector is the pytree of one leaf, so those are the earlier flat results)."""
+    a, b = jnp.array([1.0, 1.0]), jnp.array([-1.0, -1.0])
+    kw = dict(num_images=7, num_steps=300, climb_after=20)
+    flat_band = jax.jit(lambda a, b: paths.nudged_elastic_band(toy.toy_loss, a, b, **kw))(a, b)
+    tree_band = jax.jit(lambda a, b: paths.nudged_elastic_band(toy_tree_loss, a, b, **kw))(
+        as_tree(a), as_tree(b))
+    assert tree_band.images["w1"].shape == (7, 1) and tree_band.images["w2"].shape == (7,)
+    np.testing.assert_allclose(flat_chain(tree_band.images), flat_band.images, atol=1e-12)
+    np.testing.assert_allclose(tree_band.energies, flat_band.energies, atol=1e-12)
+    assert int(tree_band.climbing) == int(flat_band.climbing)
+    assert bool(tree_band.converged) == bool(flat_band.converged)
+    np.testing.assert_allclose(paths.arc_length(tree_band.images),
+                               paths.arc_length(flat_band.images), atol=1e-12)
+
+    flat_cert = jax.jit(lambda b: certify_band_top(toy.toy_loss, b))(flat_band)
+    tree_cert = jax.jit(lambda b: certify_band_top(toy_tree_loss, b))(tree_band)
+    assert int(tree_cert.label) == int(flat_cert.label) == INDEX_1_SADDLE
+    np.testing.assert_allclose(ravel_pytree(tree_cert.theta)[0],
+                               flat_cert.theta, atol=1e-12)
+    np.testing.assert_allclose(tree_cert.eigenvalues, flat_cert.eigenvalues, atol=1e-10)
+
+    line = jax.jit(lambda loss, a, b: paths.line_energies(loss, a, b, 5), static_argnums=0)
+    np.testing.assert_allclose(line(toy_tree_loss, as_tree(a), as_tree(b)),
+                               line(toy.toy_loss, a, b), atol=1e-14)
+
+    connect = jax.jit(lambda loss, s, im: descent_connection(loss, s, im, 3, num_steps=300),
+                      static_argnums=0)
+    flat_conn = connect(toy.toy_loss, flat_cert.theta, flat_band.images)
+    tree_conn = connect(toy_tree_loss, tree_cert.theta, tree_band.images)
+    np.testing.assert_allclose(flat_chain(tree_conn.ends), flat_conn.ends, atol=1e-10)
+    assert bool(tree_conn.connects) == bool(flat_conn.connects)
+
+    neb = jax.jit(lambda loss, a, b: paths.autoneb(loss, a, b, num_images=5, insertions=(2,),
+                                                   num_steps=200, climb_after=20),
+                  static_argnums=0)
+    flat_neb = neb(toy.toy_loss, a, b)
+    tree_neb = neb(toy_tree_loss, as_tree(a), as_tree(b))
+    np.testing.assert_allclose(flat_chain(tree_neb.images), flat_neb.images, atol=1e-12)
+
+    starts, ends = jnp.stack([a, -b]), jnp.stack([b, -a])
+    many = jax.jit(lambda loss, s, e: paths.many_bands(loss, s, e, num_images=5, num_steps=200),
+                   static_argnums=0)
+    flat_many = many(toy.toy_loss, starts, ends)
+    tree_many = many(toy_tree_loss, as_tree(starts), as_tree(ends))
+    np.testing.assert_allclose(jax.vmap(flat_chain)(tree_many.images), flat_many.images,
+                               atol=1e-12)
+
+
+def test_line_energies_of_a_network_as_a_pytree_equal_the_flat_ones(mlp):
+    problem, params = mlp
+    other = problem.init_fn(jax.random.PRNGKey(3))
+    theta_a, unravel = flatten(params)
+    theta_b = flatten(other)[0]
+    flat = paths.line_energies(lambda t: problem.loss_fn(unravel(t)), theta_a, theta_b, 5)
+    tree = paths.line_energies(problem.loss_fn, params, other, 5)
+    np.testing.assert_allclose(tree, flat, rtol=1e-13)
