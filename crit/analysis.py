@@ -82,7 +82,8 @@ REPORT_COLUMNS = ("point", "method", "n_params", "loss", "grad_norm", "grad_tol"
                   "curvature_ratio", "excluded_below", "miss_probability", "tolerance",
                   "min_ratio", "min_ratio_lo", "min_ratio_hi", "index", "index_lo", "index_hi",
                   "null_fraction", "null_fraction_lo", "null_fraction_hi", "resolved",
-                  "num_matvecs", "hvp_dtype", "search_error", "num_check_matvecs",
+                  "num_matvecs", "hvp_dtype", "search_error", "num_check_matvecs", "trace",
+                  "trace_lo", "trace_hi", "trace_matvecs", "trace_method",
                   "distance_moved", "loss_change")
 
 
@@ -171,6 +172,15 @@ class PointReport:
     num_check_matvecs: int = 0
     """float64 HVPs of the proof when the search was in low precision (0 otherwise: all
     products are float64 and counted in ``num_matvecs``)."""
+    trace: float = float("nan")
+    """tr H: exact (dense) or the SLQ probes' Hutchinson estimate (Krylov, no extra products)."""
+    trace_lo: float = float("nan")
+    trace_hi: float = float("nan")
+    """95% interval of the trace (dense: lo = hi = trace)."""
+    trace_method: str = ""
+    trace_matvecs: int = 0
+    """Products spent on the trace beyond the spectrum's (0 for both: dense reads it off the
+    matrix, SLQ off its probes)."""
 
     @property
     def verdict_text(self) -> str:
@@ -241,6 +251,12 @@ class AnalysisReport:
     """The refined parameters (pytree), or None."""
     model: dict
     """What the model was: kind, parameter count, cast, BatchNorm semantics (analyze_model)."""
+    curvature: dict = dataclasses.field(default_factory=dict)
+    """``{point label: {"summaries": {kind: CurvatureSummary}, "escape_share": {kind: y'Ay/y'Hy}}}``
+    with ``curvatures`` (:func:`crit.decomposition.decompose`): H = G + R side by side."""
+    layers: dict = dataclasses.field(default_factory=dict)
+    """``{point label: [row, ...]}`` with ``per_layer``: λ_max, λ_min and trace of every layer's
+    diagonal block for each operator (:func:`crit.curvature.layer_table`)."""
 
     @property
     def given(self) -> PointReport:
@@ -260,6 +276,16 @@ class AnalysisReport:
             lines.append(f"refinement: moved {r.distance:.3g} in {r.iterations} {r.finder} "
                          f"iterations, loss change {r.loss_change:+.3g}, ‖∇L‖ "
                          f"{r.grad_norm_before:.3g} -> {r.grad_norm_after:.3g}")
+        for label, c in self.curvature.items():
+            for kind, sm in c["summaries"].items():
+                share = c["escape_share"].get(kind)
+                lines.append(f"[{label}] {kind}: λ ∈ [{sm.lambda_min:.4g}, {sm.lambda_max:.4g}], "
+                             f"trace {sm.trace:.4g} [{sm.trace_lo:.4g}, {sm.trace_hi:.4g}] "
+                             f"({sm.trace_method})"
+                             + (f", negative eigenvalue proven (PSD expected!)" if
+                                sm.psd_expected and sm.negative_proven else "")
+                             + (f", share of the escape curvature {share:.3g}"
+                                if share is not None and kind != "hessian" else ""))
         prec = self.model.get("precision") or {}
         if prec.get("coarsest_dtype", "float64") != "float64":
             lines.append(f"the loss is computed partly in {prec['coarsest_dtype']} "
@@ -283,7 +309,13 @@ class AnalysisReport:
             for name in ("smallest", "smallest_residuals", "largest", "largest_residuals"):
                 d[name] = [clean(float(v)) for v in getattr(p, name)]
             points.append(d)
-        return {"points": points, "model": self.model,
+        curvature = {label: {"summaries": {k: {n: clean(v) for n, v in s.row().items()}
+                                           for k, s in c["summaries"].items()},
+                             "escape_share": {k: clean(v) for k, v in c["escape_share"].items()}}
+                     for label, c in self.curvature.items()}
+        layers = {label: [{n: clean(v) for n, v in r.items()} for r in rows]
+                  for label, rows in self.layers.items()}
+        return {"points": points, "model": self.model, "curvature": curvature, "layers": layers,
                 "refinement": None if self.refinement is None else
                 {k: clean(v) for k, v in dataclasses.asdict(self.refinement).items()},
                 "summary": self.summary()}
@@ -466,6 +498,8 @@ def _dense_point(loss2, params, data, grad_tol, eig_tol, label, roundoff_scale=1
         index_lo=float(summary.index), index_hi=float(summary.index),
         null_fraction=float(summary.null_fraction), null_fraction_lo=float(summary.null_fraction),
         null_fraction_hi=float(summary.null_fraction), resolved=True, grid_tolerance=grid,
+        trace=float(np.trace(hess)), trace_lo=float(np.trace(hess)),
+        trace_hi=float(np.trace(hess)), trace_method="exact",
         grid_fractions={"min_ratio": fr("min_ratio"), "index": fr("index"),
                         "null_fraction": fr("null_fraction")},
         eigenvalues=lam, nodes=None, weights=None, escape_direction=y, escape_t=None,
@@ -532,9 +566,22 @@ def _krylov_point(loss2, params, data, key, grad_tol, eig_tol, label, krylov_kw,
         escape_quadratic=None, num_matvecs=int(spec.num_matvecs) + (
             MARGIN_MATVECS if search[0] == "float64" else MARGIN_STEP_MATVECS),
         density={k: np.asarray(v) for k, v in density.items()}, hvp_dtype=search[0],
+        **_slq_trace_fields(spec),
         search_error=float(spec.search_error),
         num_check_matvecs=int(spec.num_check_matvecs) + (
             0 if search[0] == "float64" else MARGIN_MATVECS - MARGIN_STEP_MATVECS))
+
+
+def _slq_trace_fields(spec) -> dict:
+    """The Hessian's trace from the SLQ probes (:func:`crit.estimators.slq_trace`, no extra
+    products), 95% Student-t interval; a low-precision search widens it by P·η (each probe's
+    z'Hz may be off by ‖z‖²·‖H̃ − H‖ = P·η)."""
+    from crit.estimators import slq_trace
+
+    est = slq_trace(spec.slq, num_matvecs=spec.num_matvecs)
+    widen = float(spec.dim) * float(spec.search_error)
+    return dict(trace=float(est.estimate), trace_lo=float(est.lo) - widen,
+                trace_hi=float(est.hi) + widen, trace_method="slq")
 
 
 def _extremal_pairs(spec):
@@ -682,13 +729,34 @@ def analyze_point(loss_fn: Callable, params: Params, data=None, *, key=None,
 
 
 def analyze_model(model, data, loss="mse", *, variables=None, batchnorm: str = "eval",
-                  batch_size: int = 0, l2: float = 0.0, **kwargs) -> AnalysisReport:
+                  batch_size: int = 0, l2: float = 0.0, curvatures=(), per_layer: bool = False,
+                  blocks=None, trace_matvecs: int = 0, **kwargs) -> AnalysisReport:
     """:func:`analyze_point` for a model as its author wrote it (:mod:`crit.trained`): a
     ``flax.linen`` module with ``variables``, an NNX module, a plain ``apply(params, x)`` with its
     parameters as ``variables``, or a :class:`crit.trained.TrainedModel`; ``data = (x, y)`` or a
     :class:`crit.data.Dataset`; ``loss`` ``"mse"``, ``"xent"``, ``"pkg.mod:fn"`` or a callable
     ``fn(outputs, targets)`` (the mean over a batch). ``batch_size`` rows per batch of the
-    full-data loss (0: all at once; exact n_b/N weights)."""
+    full-data loss (0: all at once; exact n_b/N weights).
+
+    The curvature toolbox (:mod:`crit.curvature`, :mod:`crit.decomposition`):
+
+    curvatures
+        Operators to report beside the Hessian at every point, e.g. ``("ggn", "residual")``
+        for H = G + R side by side (extremal eigenvalues, trace with interval, density, the
+        share of the escape direction's curvature) in ``report.curvature``. The verdict is
+        always the Hessian's.
+    per_layer
+        The table of every layer's diagonal block (λ_max, λ_min, trace) for the Hessian and
+        each of ``curvatures``, in ``report.layers``.
+    blocks
+        A regex over parameter paths (or a list of paths): the whole analysis of the loss as a
+        function of that block only, the other parameters held at the given point (the
+        diagonal block H_BB; the certificate is then the block's gradient).
+    trace_matvecs
+        > 0: the traces in ``report.curvature`` by Hutch++ with that many products (float64);
+        0: from the SLQ probes (no extra products; dense: exact).
+    """
+    from crit.curvature import CURVATURES, CurvatureError, select_block
     from crit.trained import as_trained_model, data_objective
 
     x, y = check_data(data)
@@ -696,6 +764,16 @@ def analyze_model(model, data, loss="mse", *, variables=None, batchnorm: str = "
         raise AnalysisError(f"batch_size must be >= 0, got {batch_size}")
     if l2 < 0:
         raise AnalysisError(f"l2 must be >= 0, got {l2}")
+    curvatures = tuple(c for c in curvatures if c != "hessian")
+    unknown = [c for c in curvatures if c not in CURVATURES]
+    if unknown:
+        raise AnalysisError(f"unknown curvature {unknown}; allowed: {CURVATURES}")
+    if per_layer and blocks is not None:
+        raise AnalysisError("per_layer and blocks: choose one (per_layer tabulates every "
+                            "layer's block of the full analysis; blocks analyses one block)")
+    if trace_matvecs < 0 or 0 < trace_matvecs < 4:
+        raise AnalysisError(f"trace_matvecs must be 0 (SLQ trace) or >= 4 (Hutch++), got "
+                            f"{trace_matvecs}")
     trained = as_trained_model(model, variables, x[:2], batchnorm)
     objective = data_objective(trained, loss, batch_size, l2)
     try:  # the model must accept the data and return a scalar loss: shapes only, no compute
@@ -706,8 +784,83 @@ def analyze_model(model, data, loss="mse", *, variables=None, batchnorm: str = "
     if out.shape != ():
         raise AnalysisError(f"the loss returns shape {out.shape}; it must be a scalar (the "
                             "mean over the batch)")
+    try:
+        operators = {kind: _curvature_mv(kind, trained, loss, batch_size, l2)
+                     for kind in (("hessian",) + curvatures if curvatures else ())}
+        block = None if blocks is None else select_block(trained.params, blocks)
+    except CurvatureError as exc:
+        raise AnalysisError(str(exc)) from None
     info = {"kind": trained.kind, "n_params": trained.n_params,
             "cast_from": list(trained.cast_from), "batchnorm": trained.batchnorm,
             "has_state": trained.has_state, "n_train": int(x.shape[0]),
-            "batch_size": int(batch_size), "l2": float(l2)}
-    return analyze_point(objective, trained.params, (x, y), model_info=info, **kwargs)
+            "batch_size": int(batch_size), "l2": float(l2),
+            "curvatures": ["hessian", *curvatures] if curvatures else []}
+    params = trained.params
+    embed = None
+    if block is not None:
+        theta0, unravel = ravel_pytree(trained.params)
+        idx = jnp.asarray(block.indices)
+
+        def embed(pb, t0=theta0, unravel=unravel, idx=idx):
+            return unravel(t0.at[idx].set(pb))
+
+        full = objective
+
+        def objective(pb, d):  # noqa: F811  (the loss of the block alone)
+            return full(embed(pb), d)
+
+        operators = {k: _block_mv(mv, embed, idx, theta0.size) for k, mv in operators.items()}
+        params = theta0[idx]
+        info["block"] = {"name": block.name, "paths": list(block.paths),
+                         "n_params": int(block.size)}
+    report = analyze_point(objective, params, (x, y), model_info=info, **kwargs)
+    data_args = (jnp.asarray(x), jnp.asarray(y))
+    at = {"given": params, "refined": report.refined_params}
+    curvature, layers = {}, {}
+    say = kwargs.get("progress") or (lambda text: None)
+    spectral = {k: kwargs[k] for k in ("lanczos_steps", "slq_probes", "num_eigs",
+                                       "dense_max_params", "key") if k in kwargs}
+    if kwargs.get("method", "auto") in ("dense", "krylov"):
+        spectral["method"] = kwargs["method"]
+    from crit.decomposition import decompose
+
+    for point in report.points:
+        p = at[point.label]
+        if curvatures:
+            say(f"{point.label}: spectra of {', '.join(operators)}")
+            curvature[point.label] = decompose(
+                trained, loss, p, data_args, tuple(operators), operators=operators,
+                direction=point.escape_direction, trace_matvecs=trace_matvecs, **spectral)
+        if per_layer:
+            say(f"{point.label}: per-layer blocks")
+            layers[point.label] = _layer_rows(trained, loss, p, data_args, batch_size, l2,
+                                              ("hessian",) + curvatures, kwargs.get("key"))
+    refined = report.refined_params
+    if block is not None and refined is not None:
+        refined = embed(refined)
+    return dataclasses.replace(report, curvature=curvature, layers=layers,
+                               refined_params=refined)
+
+
+def _curvature_mv(kind, trained, loss, batch_size, l2):
+    from crit.curvature import curvature_matvec
+
+    return curvature_matvec(kind, trained, loss, batch_size, l2)
+
+
+def _block_mv(mv, embed, idx, dim):
+    """``mv`` restricted to the block ``idx``: v_B ↦ (A (0, v_B))_B at the embedded point."""
+    def block(pb, data, vb):
+        return mv(embed(pb), data, jnp.zeros(dim, vb.dtype).at[idx].set(vb))[idx]
+    return block
+
+
+def _layer_rows(trained, loss, params, data, batch_size, l2, kinds, key) -> list[dict]:
+    from crit.curvature import curvature_operator, layer_table
+
+    rows = []
+    for kind in kinds:
+        op = curvature_operator(kind, trained, loss, data, batch_size, l2, params=params)
+        for row in layer_table(op, params, key=key):
+            rows.append({"curvature": kind, **row})
+    return rows
