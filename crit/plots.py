@@ -297,3 +297,50 @@ def escape_profile_figure(points, out_dir, title: str, stem: str = "escape") -> 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out_dir, stem)
+
+
+def _summary_density(summary, grid: np.ndarray) -> np.ndarray:
+    """Density of one :class:`crit.decomposition.CurvatureSummary` on ``grid``: Gaussian-smoothed
+    eigenvalues (dense) or SLQ nodes and weights (Krylov), width 1% of the grid's span."""
+    sigma = 0.01 * (grid[-1] - grid[0]) or 1e-12
+    if summary.eigenvalues is not None:
+        points = summary.eigenvalues[None, :]
+        weights = np.full_like(points, 1.0 / points.size)
+    else:
+        points, weights = np.nan_to_num(summary.nodes), summary.weights / summary.nodes.shape[0]
+    kernel = np.exp(-0.5 * ((grid[:, None, None] - points[None]) / sigma) ** 2)
+    return np.sum(kernel * weights[None], axis=(1, 2)) / (sigma * np.sqrt(2 * np.pi))
+
+
+def curvature_density_figure(curvature: dict, out_dir, title: str,
+                             stem: str = "curvature_density") -> list[Path]:
+    """H = G + R side by side: per analysed point, the densities of every reported operator on a
+    common λ axis (log-scaled density), with each operator's λ_min and λ_max marked; the legend
+    gives each trace with its interval and the share of the escape curvature."""
+    labels = list(curvature)
+    fig, axes = plt.subplots(len(labels), 1, figsize=(9, 3.2 * len(labels)), squeeze=False)
+    colors = {"hessian": "k", "ggn": "tab:blue", "residual": "tab:red", "fisher": "tab:green",
+              "empirical_fisher": "tab:purple"}
+    for ax, label in zip(axes[:, 0], labels):
+        summaries = curvature[label]["summaries"]
+        share = curvature[label]["escape_share"]
+        lo = min(s.lambda_min for s in summaries.values())
+        hi = max(s.lambda_max for s in summaries.values())
+        pad = 0.05 * (hi - lo or 1.0)
+        grid = np.linspace(lo - pad, hi + pad, 1200)
+        for kind, s in summaries.items():
+            c = colors.get(kind, None)
+            text = (f"{kind} ({s.method}): trace {s.trace:.3g} [{s.trace_lo:.3g}, "
+                    f"{s.trace_hi:.3g}]" + (f", y'Ay/y'Hy {share[kind]:.2f}"
+                                            if kind in share and kind != "hessian" else ""))
+            ax.semilogy(grid, np.maximum(_summary_density(s, grid), 1e-8), color=c, lw=1.1,
+                        label=text)
+            ax.plot([s.lambda_min, s.lambda_max], [2e-8, 2e-8], "|", color=c, ms=12, mew=1.2)
+        ax.axvline(0.0, color="k", lw=0.5)
+        ax.set_xlabel("λ")
+        ax.set_ylabel("density")
+        ax.set_title(f"{label} point: H = G + R", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, stem)

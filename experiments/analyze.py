@@ -73,6 +73,16 @@ flags.DEFINE_enum("hvp_dtype", "float64", ["float64", "float32", "bfloat16"], "P
 flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
                   "jax.default_matmul_precision of the low-precision search's dots (GPU: "
                   "'default' allows TF32; TPU: bfloat16 passes). Recorded in config.json.")
+flags.DEFINE_list("curvature", ["hessian"], "Operators to report beside the Hessian (the "
+                  "verdict is always the Hessian's), comma-separated: hessian, ggn, residual, "
+                  "fisher, empirical_fisher; e.g. ggn,residual for H = G + R side by side "
+                  "(curvature.csv, curvature_density figure).")
+flags.DEFINE_bool("per_layer", False, "Every layer's diagonal block (λ_max, λ_min, trace) for "
+                  "each --curvature operator, as layers.csv.")
+flags.DEFINE_string("blocks", None, "Analyse one block: a regex over parameter paths (e.g. "
+                    "'Dense_1/'); the other parameters stay at the checkpoint's values.")
+flags.DEFINE_integer("trace_matvecs", 0, "Traces in curvature.csv by Hutch++ with this many "
+                     "products (>= 4); 0: from the SLQ probes (dense: exact).")
 flags.DEFINE_float("eig_tol", None, "Eigenvalue tolerance τ (overrides the default).")
 flags.DEFINE_integer("seed", 0, "Seed of the Krylov probes and of an NNX model's Rngs.")
 flags.DEFINE_string("out_dir", "runs/analyze", "Results directory.")
@@ -111,6 +121,16 @@ def validate() -> list[str]:
     if FLAGS.method == "dense":
         e += [f"--{n}: does not apply to --method=dense (it would be ignored)"
               for n in KRYLOV_ONLY if FLAGS[n].present]
+    from crit.curvature import CURVATURES
+
+    bad = [c for c in FLAGS.curvature if c not in CURVATURES]
+    if bad:
+        e.append(f"--curvature={','.join(FLAGS.curvature)}: unknown {bad}; allowed: "
+                 f"{', '.join(CURVATURES)}")
+    if FLAGS.per_layer and FLAGS.blocks:
+        e.append("--per_layer and --blocks: choose one")
+    if FLAGS.trace_matvecs < 0 or 0 < FLAGS.trace_matvecs < 4:
+        e.append(f"--trace_matvecs={FLAGS.trace_matvecs}: 0 (SLQ trace) or >= 4 (Hutch++)")
     if FLAGS["matmul_precision"].present and FLAGS.hvp_dtype == "float64":
         e.append("--matmul_precision: applies to a low-precision search (--hvp_dtype=float32 "
                  "or bfloat16); float64 dots are not affected")
@@ -176,6 +196,28 @@ def csv_columns(report) -> dict:
     return {c: np.asarray([r[c] for r in rows]) for c in CSV_COLUMNS}
 
 
+def curvature_columns(report) -> dict:
+    """curvature.csv: one row per analysed point and operator (crit.decomposition)."""
+    import numpy as np
+
+    from crit.decomposition import SUMMARY_COLUMNS
+
+    rows = []
+    for label, c in report.curvature.items():
+        for kind, s in c["summaries"].items():
+            rows.append({**s.row(), "point": label,
+                         "escape_share": c["escape_share"].get(kind, float("nan"))})
+    return {k: np.asarray([r[k] for r in rows]) for k in SUMMARY_COLUMNS}
+
+
+def layer_columns(report) -> dict:
+    """layers.csv: one row per point, operator and layer (crit.curvature.layer_table)."""
+    import numpy as np
+
+    rows = [{"point": label, **r} for label, rs in report.layers.items() for r in rs]
+    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
 def spectrum_arrays(report) -> dict:
     import numpy as np
 
@@ -202,6 +244,8 @@ def write_figures(out_dir: Path, report, title: str) -> None:
     plots.report_density_figure(report.points, out_dir, title)
     plots.report_fractions_figure(report.points, out_dir, title)
     plots.escape_profile_figure(report.points, out_dir, title)
+    if report.curvature:
+        plots.curvature_density_figure(report.curvature, out_dir, title)
 
 
 def main(argv):
@@ -233,7 +277,8 @@ def main(argv):
     out_dir = Path(FLAGS.out_dir)
     try:
         resuming = store.prepare_out_dir(out_dir, run_config(loss, trained), FLAGS.overwrite,
-                                         outputs=OUTPUTS, chunked=False)
+                                         outputs=OUTPUTS + ("curvature.csv", "layers.csv"),
+                                         chunked=False)
     except store.ResultsDirError as exc:
         raise app.UsageError(str(exc)) from None
     if resuming and (out_dir / "report.json").exists():
@@ -260,10 +305,15 @@ def main(argv):
             lanczos_steps=FLAGS.lanczos_steps, slq_probes=FLAGS.slq_probes,
             num_eigs=FLAGS.num_eigs, krylov_tol=FLAGS.krylov_tol, hvp_dtype=FLAGS.hvp_dtype,
             matmul_precision=FLAGS.matmul_precision if FLAGS.hvp_dtype != "float64" else None,
-            progress=progress)
+            curvatures=tuple(FLAGS.curvature), per_layer=FLAGS.per_layer, blocks=FLAGS.blocks,
+            trace_matvecs=FLAGS.trace_matvecs, progress=progress)
     except AnalysisError as exc:
         raise app.UsageError(str(exc)) from None
     store.write_csv(out_dir / "analysis.csv", csv_columns(report))
+    if report.curvature:
+        store.write_csv(out_dir / "curvature.csv", curvature_columns(report))
+    if report.layers:
+        store.write_csv(out_dir / "layers.csv", layer_columns(report))
     store.atomic_save_npz(out_dir / "spectrum.npz", spectrum_arrays(report))
     title = f"{FLAGS.model}, P = {trained.n_params}, n = {x.shape[0]}, loss {loss}"
     write_figures(out_dir, report, title)

@@ -78,13 +78,32 @@ def _args(root, out, *extra):
 def test_app_writes_every_file_and_column_and_resumes(fork, tmp_path):
     root, env = fork
     out = tmp_path / "run"
-    proc = run_app("analyze", *_args(root, out, "--refine"), env=env)
+    toolbox = ("--curvature=ggn,residual", "--per_layer")
+    proc = run_app("analyze", *_args(root, out, "--refine", *toolbox), env=env)
     assert "proven" in proc.stdout or "verdict" in proc.stdout
     assert "cast from float32" in proc.stdout
     from crit.analysis import REPORT_COLUMNS as CSV_COLUMNS, REPORT_OUTPUTS as OUTPUTS
 
-    for name in (*OUTPUTS, "config.json", "density.png", "density.pdf", "sign_fractions.png"):
+    for name in (*OUTPUTS, "config.json", "density.png", "density.pdf", "sign_fractions.png",
+                 "curvature.csv", "layers.csv", "curvature_density.png"):
         assert (out / name).is_file(), name
+    # H = G + R at both points: traces and escape shares add up; the GGN is PSD
+    from crit.decomposition import SUMMARY_COLUMNS
+
+    curv = read_rows(out / "curvature.csv")
+    assert set(SUMMARY_COLUMNS) <= set(curv[0])
+    assert [(r["point"], r["curvature"]) for r in curv] == [
+        (p, k) for p in ("given", "refined") for k in ("hessian", "ggn", "residual")]
+    for point in ("given", "refined"):
+        by = {r["curvature"]: r for r in curv if r["point"] == point}
+        assert float(by["hessian"]["trace"]) == pytest.approx(
+            float(by["ggn"]["trace"]) + float(by["residual"]["trace"]), abs=1e-10)
+        assert by["ggn"]["negative_proven"] == "False"
+    layers = read_rows(out / "layers.csv")
+    hess_rows = [r for r in layers if r["point"] == "given" and r["curvature"] == "hessian"]
+    assert sum(int(r["n_params"]) for r in hess_rows) == 13
+    assert sum(float(r["trace"]) for r in hess_rows) == pytest.approx(
+        float(curv[0]["trace"]), abs=1e-10)
     rows = read_rows(out / "analysis.csv")
     assert [r["point"] for r in rows] == ["given", "refined"]
     assert set(CSV_COLUMNS) <= set(rows[0])
@@ -102,7 +121,7 @@ def test_app_writes_every_file_and_column_and_resumes(fork, tmp_path):
         assert z["refined_escape_direction"].shape == (13,)
         assert z["given_grid_min_ratio"].shape[1] == 3
     # same configuration: the finished report is found, nothing recomputed
-    again = run_app("analyze", *_args(root, out, "--refine"), env=env)
+    again = run_app("analyze", *_args(root, out, "--refine", *toolbox), env=env)
     assert "finished run" in again.stdout
 
     # the fork's module edited: another run, refused in the same directory
@@ -112,7 +131,7 @@ def test_app_writes_every_file_and_column_and_resumes(fork, tmp_path):
     env2 = {**env, "PYTHONPATH": f"{ROOT}:{changed}"}
     shutil.copytree(root / "ckpt", changed / "ckpt")
     shutil.copy(root / "data.npz", changed / "data.npz")
-    args = list(_args(root, out, "--refine"))
+    args = list(_args(root, out, "--refine", *toolbox))
     bad = run_app("analyze", *args, env=env2, check=False)
     assert bad.returncode != 0 and "model_source_sha256" in bad.stderr
 
