@@ -49,7 +49,8 @@ import numpy as np
 
 from crit.lanczos import (lanczos_advance, lanczos_start, lanczos_tridiag, tridiag_eigh)
 from crit.slq import SLQResult, SpectralFractions, ritz_quadrature, slq_fractions
-from crit.verdict import MISS_PROBABILITY, Verdict, krylov_verdict
+from crit.verdict import (MISS_PROBABILITY, Verdict, extended_sigma_max, krylov_verdict,
+                          kw_norm_bound)
 
 Array = jax.Array
 EPS64 = float(np.finfo(np.float64).eps)
@@ -137,7 +138,9 @@ class KrylovSpectrum(NamedTuple):
     """(dim,) Unit smallest Ritz vector y; a direction of negative curvature when the verdict
     proves one (:math:`y^\\top H y < 0`)."""
     lambda_max_bound: Array
-    """Largest Ritz value plus its residual estimate (c of the missed-eigenvalue bound)."""
+    r"""c of the missed-eigenvalue statement: :math:`\lambda_{\max} \le c` with probability at
+    least 1 - miss_probability/2 (:func:`crit.verdict.kw_norm_bound`, plus η of a
+    low-precision search)."""
     deflated: Array
     """(2k,) Ritz values deflated before the SLQ runs (NaN: not deflated)."""
     num_deflated: Array
@@ -385,11 +388,15 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
                                                               checked, 0.0)])
         search_error = search_error_factor * _search_error(matvec, check_matvec, units)
         n_checks += checked.shape[0]
-    c = top[0] + top_rho[0] + search_error
+    # c >= lambda_max with probability 1 - p/2 (KW on H^2), the missed-eigenvalue level at p/2:
+    # both hold with probability >= 1 - p. A low-precision search adds its error eta.
+    sigma = extended_sigma_max(values, ext.betas, ext.valid)
+    c = kw_norm_bound(sigma, dim, ext.num_valid, 0.5 * miss_probability) + search_error
+    exhausted = (ext.num_valid < num_steps) & (check_matvec is None)
     verdict = krylov_verdict(rq[0], rq_res[0], rounding, c, dim, ext.num_valid,
-                             miss_probability=miss_probability,
-                             exhausted=(ext.num_valid < num_steps) & (check_matvec is None))
-    verdict = verdict._replace(excluded_below=verdict.excluded_below + search_error)
+                             miss_probability=0.5 * miss_probability, exhausted=exhausted)
+    verdict = verdict._replace(excluded_below=verdict.excluded_below + search_error,
+                               miss_probability=jnp.where(exhausted, 0.0, miss_probability))
 
     # 2. Deflation of the converged extremal pairs.
     if deflate:

@@ -34,9 +34,13 @@ invariant: the Ritz values of B are :math:`c - \theta`), if H had an eigenvalue
 :math:`\varepsilon \ge (\theta_{\min} + \eta)/(c + \eta)`. crit reports the level
 :math:`\eta` at which that probability is ``miss_probability`` (1% by default):
 "an eigenvalue below :math:`-\eta` would have been found with probability at least 99%".
-An m-step run (m matvecs) spans :math:`[b, \dots, H^{m-1} b]`, so :math:`k = m - 1`; c is the
-largest Ritz value plus its residual (an estimate of :math:`\lambda_{\max}`: the top of the
-spectrum converges first; a larger c only weakens the statement).
+An m-step run (m matvecs) spans :math:`[b, \dots, H^{m-1} b]`, so :math:`k = m - 1`. The
+statement needs :math:`c \ge \lambda_{\max}`; the largest Ritz value plus its residual does not
+guarantee it (its interval holds *an* eigenvalue, not necessarily the largest), so c is KW's own
+upper bound on :math:`\lVert H\rVert` from the same run (:func:`kw_norm_bound`, the theorem
+applied to the PSD :math:`H^2`). Each of the two statements is made at half of
+``miss_probability``, so both hold together with probability at least
+:math:`1 -` ``miss_probability`` (a union bound); a larger c only weakens the statement.
 
 **Dense spectra** give the same verdict from exact eigenvalues at tolerance :math:`\tau`:
 ``saddle (proven)`` if :math:`\lambda_{\min} < -\tau`, ``minimum`` if every eigenvalue is
@@ -156,6 +160,50 @@ def excluded_level(ritz_min, lambda_max_bound, dim: int, num_steps,
     return jnp.where(eps < 1.0, jnp.maximum(eta, 0.0), jnp.nan)
 
 
+def extended_sigma_max(ritz_values, betas, valid) -> jnp.ndarray:
+    r"""An upper bound on :math:`\max_{y \in K_k,\,\lVert y\rVert=1} \lVert Hy\rVert =
+    \sigma_{\max}(\bar T_k)`: :math:`\sqrt{\max_i\theta_i^2 + \beta_k^2}`.
+
+    Lanczos gives :math:`HQ_k = Q_{k+1}\bar T_k` with :math:`\bar T_k` the
+    :math:`(k+1)\times k` tridiagonal extended by the row :math:`\beta_k e_k^\top`, so
+    :math:`\bar T_k^\top\bar T_k = T_k^2 + \beta_k^2 e_ke_k^\top` and Weyl's inequality bounds
+    its largest eigenvalue by :math:`\max\theta^2 + \beta_k^2`. A bound, not the value, on
+    purpose: no extra eigensolver under ``vmap`` (batched LAPACK calls side by side have
+    deadlocked jaxlib's CPU thread pool), and a larger value only weakens what uses it. Steps
+    after a breakdown (``valid`` False) are ignored (``betas[k-1]`` is the final residual
+    norm; ``ritz_values`` are :func:`crit.lanczos.tridiag_eigh`'s, valid ones first)."""
+    valid = jnp.asarray(valid, bool)
+    values = jnp.asarray(ritz_values)
+    k = jnp.sum(valid)
+    final = jnp.sum(jnp.where(jnp.arange(valid.shape[0]) == k - 1, betas, 0.0))
+    top = jnp.max(jnp.where(jnp.arange(valid.shape[0]) < k, jnp.abs(values), 0.0))
+    return jnp.sqrt(top**2 + final**2)
+
+
+def kw_norm_bound(sigma_max, dim: int, num_steps,
+                  probability: float = 0.5 * MISS_PROBABILITY) -> jnp.ndarray:
+    r"""An upper bound on :math:`\lVert H\rVert \ge \lambda_{\max}` that holds with probability
+    at least ``1 - probability`` over the Lanczos start (Kuczynski & Woźniakowski 1992).
+
+    :math:`H^2` is PSD and a Krylov space :math:`K_m(H, v)` contains
+    :math:`K_{\lceil m/2\rceil}(H^2, v)`, so the largest Ritz value of :math:`H^2` on it,
+    :math:`\bar\sigma^2` (:func:`extended_sigma_max`), is at least the Lanczos estimate of
+    degree :math:`k_2 = \lfloor (m-1)/2\rfloor` for :math:`H^2` from the same uniformly random
+    start. KW's Lanczos theorem for PSD matrices gives
+    :math:`\bar\sigma^2 \ge (1-\varepsilon)\lVert H\rVert^2` except with probability
+    :math:`p` when :math:`\varepsilon = \varepsilon_p` (:func:`kw_relative_error`), hence
+
+    .. math:: \lambda_{\max} \le \lVert H\rVert \le \bar\sigma / \sqrt{1-\varepsilon_p}.
+
+    It needs no convergence of the top Ritz pair (the largest Ritz value plus its residual
+    estimate does not bound :math:`\lambda_{\max}`: its interval contains *an* eigenvalue,
+    not necessarily the largest). ``inf`` when :math:`\varepsilon_p \ge 1` (too few steps)."""
+    k2 = jnp.floor((jnp.asarray(num_steps, jnp.float64) - 1.0) / 2.0)
+    eps = kw_relative_error(dim, jnp.maximum(k2, 1.0), probability)
+    return jnp.where((eps < 1.0) & (k2 >= 1.0),
+                     sigma_max / jnp.sqrt(jnp.where(eps < 1.0, 1.0 - eps, 1.0)), jnp.inf)
+
+
 def miss_probability_at(level, ritz_min, lambda_max_bound, dim: int, num_steps) -> jnp.ndarray:
     r"""Upper bound on the probability that an eigenvalue :math:`\le -` ``level`` (> 0) was
     missed, given the observed smallest Ritz value (1 if no statement can be made)."""
@@ -177,7 +225,7 @@ def krylov_verdict(rayleigh_min, residual, allowance, ritz_max_bound, dim: int, 
     allowance
         Rounding allowance :math:`\delta` (:func:`crit.krylov.krylov_tolerance`).
     ritz_max_bound
-        :math:`c \ge \lambda_{\max}`, e.g. the largest Ritz value plus its residual.
+        :math:`c \ge \lambda_{\max}`, e.g. :func:`kw_norm_bound`.
     critical
         bool, the point has a gradient certificate.
     exhausted
