@@ -81,6 +81,32 @@ def analyse(objective, trained, data, dtype, args):
     return times, report.points[0]
 
 
+def hvp_floor(objective, trained, data, reps: int = 5) -> dict:
+    """Median time of one HVP of ``objective`` in each dtype (the search's operator, same
+    batches): the ratio float64/float32 is the most a low-precision search can gain."""
+    from jax.flatten_util import ravel_pytree
+
+    from crit.analysis import search_operator
+    from crit.hessian import hvp_operator
+
+    dim = ravel_pytree(trained.params)[0].size
+    v = jax.random.normal(jax.random.key(1), (dim,))
+    out = {}
+    for dtype in DTYPES:
+        if dtype == "float64":
+            run = jax.jit(lambda p, d, u: hvp_operator(lambda q: objective(q, d), p)[1](u))
+        else:
+            run = jax.jit(lambda p, d, u, dt=dtype: search_operator(objective, p, d, dt)(u))
+        jax.block_until_ready(run(trained.params, data, v))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(run(trained.params, data, v))
+            times.append(time.perf_counter() - t)
+        out[dtype] = float(np.median(times))
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="cnn,resnet")
@@ -90,6 +116,8 @@ def main():
     parser.add_argument("--train_steps", type=int, default=100)
     parser.add_argument("--lanczos_steps", type=int, default=40)
     parser.add_argument("--slq_probes", type=int, default=2)
+    parser.add_argument("--floor_only", action="store_true",
+                        help="only the HVP times per dtype (the floor of the speed-up)")
     args = parser.parse_args()
     print(f"bench_low_precision {datetime.date.today()}, {platform.machine()}, "
           f"{os.cpu_count()} cores, jax {jax.__version__}, backend {jax.default_backend()}; "
@@ -103,6 +131,13 @@ def main():
               f"after {args.train_steps} Adam steps", flush=True)
         rows = {}
         objective = data_objective(trained, "xent", min(args.batch, n))
+        floor = hvp_floor(objective, trained, data)
+        print("  one HVP (linearization included, same batches): " + ", ".join(
+            f"{k} {v * 1e3:.0f} ms" for k, v in floor.items())
+              + f"; float64/float32 = {floor['float64'] / floor['float32']:.2f}x, the most the "
+              "float32 search can gain", flush=True)
+        if args.floor_only:
+            continue
         for dtype in DTYPES:
             (first, second), p = analyse(objective, trained, data, dtype, args)
             rows[dtype] = (second, p)
