@@ -97,6 +97,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from crit.estimators import hutchpp_trace
 from crit.problems import batch_slices, mse, softmax_xent
 from crit.trained import TrainedModel, data_objective, resolve_loss
 
@@ -489,14 +490,6 @@ def _dense_row(bmv, size: int) -> dict:
             "trace_matvecs": size, "method": "dense"}
 
 
-def _trace_estimator():
-    try:
-        from crit import estimators
-    except ImportError:
-        return None
-    return getattr(estimators, "hutchpp_trace", None)
-
-
 def _krylov_row(bmv, size: int, key, num_steps: int, trace_matvecs: int,
                 trace_method: str) -> dict:
     from crit.lanczos import extremal_eigenpairs
@@ -511,11 +504,7 @@ def _krylov_row(bmv, size: int, key, num_steps: int, trace_matvecs: int,
 
     lam_max, lam_min = extremes(jax.random.normal(start_key, (size,), jnp.float64))
     row = {"lambda_max": float(lam_max), "lambda_min": float(lam_min)}
-    estimator = _trace_estimator() if trace_method in ("auto", "estimate") else None
-    if trace_method == "estimate" and estimator is None:
-        raise CurvatureError("trace_method='estimate' needs crit.estimators.hutchpp_trace, "
-                             "which this installation lacks; use 'exact' (one product per "
-                             "coordinate of the block)")
+    estimator = hutchpp_trace if trace_method in ("auto", "estimate") else None
     if trace_method == "auto" and size <= trace_matvecs:
         estimator = None  # the exact trace costs no more products than the estimate
     if estimator is not None:

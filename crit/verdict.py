@@ -172,11 +172,9 @@ def extended_sigma_max(ritz_values, betas, valid) -> jnp.ndarray:
     deadlocked jaxlib's CPU thread pool), and a larger value only weakens what uses it. Steps
     after a breakdown (``valid`` False) are ignored (``betas[k-1]`` is the final residual
     norm; ``ritz_values`` are :func:`crit.lanczos.tridiag_eigh`'s, valid ones first)."""
-    valid = jnp.asarray(valid, bool)
-    values = jnp.asarray(ritz_values)
-    k = jnp.sum(valid)
-    final = jnp.sum(jnp.where(jnp.arange(valid.shape[0]) == k - 1, betas, 0.0))
-    top = jnp.max(jnp.where(jnp.arange(valid.shape[0]) < k, jnp.abs(values), 0.0))
+    k = jnp.sum(jnp.asarray(valid, bool))
+    final = jnp.asarray(betas)[jnp.maximum(k - 1, 0)]
+    top = jnp.max(jnp.abs(jnp.asarray(ritz_values)))  # invalid entries are exact zeros
     return jnp.sqrt(top**2 + final**2)
 
 
