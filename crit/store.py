@@ -118,11 +118,11 @@ def lock_out_dir(out: Path) -> None:
 
 def environment_changes(old: Mapping | None, new: Mapping | None) -> list[str]:
     """What differs between two config.json ``environment`` records in what can change numbers:
-    crit's version, Python's, and the package versions (devices and process count may differ:
-    results are the same across them, see crit.parallel)."""
+    crit's version, Python's, the matmul precision and the package versions (devices and process
+    count may differ: results are the same across them, see crit.parallel)."""
     old, new = dict(old or {}), dict(new or {})
     changes = []
-    for key in ("crit", "python"):
+    for key in ("crit", "python", "matmul_precision"):
         if key in old and key in new and old[key] != new[key]:
             changes.append(f"{key} {old[key]} -> {new[key]}")
     po, pn = old.get("packages") or {}, new.get("packages") or {}

@@ -45,6 +45,11 @@ flags.DEFINE_integer("train_steps", 2000, "Full-batch training steps.")
 flags.DEFINE_integer("log_every", 10, "Record loss and gradient norm every this many steps.")
 flags.DEFINE_enum("train_dtype", "float64", ["float64", "float32"],
                   "Precision of the training phase (refinement and spectra are always float64).")
+flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
+                  "jax_default_matmul_precision for every dot of the run, set before any compute "
+                  "and recorded in config.json and the fingerprint. 'highest' keeps float32 dots "
+                  "(--train_dtype=float32, a fork's float32 layers) in float32 on GPU (no TF32) "
+                  "and TPU (no bfloat16 passes); 'default' is JAX's backend-dependent choice.")
 # --- critical points
 flags.DEFINE_enum("finder", "newton", list(FINDERS),
                   "Critical-point finder: newton (damped Newton on ∇L = 0, exact Hessian) or "
@@ -140,8 +145,19 @@ def finder_steps() -> int:
     return 15 if FLAGS.finder == "newton" else 1000
 
 
+def set_matmul_precision() -> str:
+    """Set ``jax_default_matmul_precision`` from ``--matmul_precision`` (before any compute):
+    the value config.json's environment and the fingerprint then record."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
+    return FLAGS.matmul_precision
+
+
 def problem_from_flags():
-    """The :class:`crit.problems.Problem` the flags describe (flags already validated)."""
+    """The :class:`crit.problems.Problem` the flags describe (flags already validated); sets
+    the run's matmul precision first (:func:`set_matmul_precision`)."""
+    set_matmul_precision()
     if "model" in FLAGS:
         from experiments import model_flags
 

@@ -526,6 +526,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     validate()
+    common.set_matmul_precision()
     t_start = time.time()
     configs = configurations()
     out_dir = Path(FLAGS.out_dir)

@@ -280,6 +280,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     validate()
+    common.set_matmul_precision()
     widths = parse_widths_list(FLAGS.widths_list)
     problems = {w: problem_for(w) for w in widths}
     out_dir = Path(FLAGS.out_dir)

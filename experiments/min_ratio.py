@@ -232,6 +232,7 @@ def run_config(cfg: ProtocolConfig, problem, axis: str = "inits") -> dict:
                     data_seed=FLAGS.data_seed, dim_in=FLAGS.dim_in, dim_out=FLAGS.dim_out,
                     widths=FLAGS.widths, activation=FLAGS.activation, use_bias=FLAGS.use_bias,
                     loss=problem.loss_name, l2=FLAGS.l2, num_inits=FLAGS.num_inits,
+                    matmul_precision=FLAGS.matmul_precision,
                     **model_flags.fingerprint(problem),
                     **summation_fingerprint(axis, jax.device_count()))
     return {"experiment": "min_ratio", "protocol": protocol,

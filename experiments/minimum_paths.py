@@ -543,6 +543,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     validate()
+    common.set_matmul_precision()
     out_dir = Path(FLAGS.out_dir)
     resuming = common.prepare_out_dir(out_dir, run_config(), outputs())
     names = groups()

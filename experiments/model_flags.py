@@ -65,12 +65,41 @@ def model_errors() -> list[str]:
                                              if FLAGS.data_file else
                                              f" with --dataset={FLAGS.dataset}") + f": {exc}")
         return e
+    rounding = compute_precision_error(problem)
+    if rounding:
+        e.append(f"--model={FLAGS.model}: {rounding}")
     app = sys.modules.get("__main__")
     if problem.has_state and not getattr(app, "TRAINS_STATE", False):
         e.append(f"--model={FLAGS.model} keeps BatchNorm statistics; this app does not train "
                  "them yet (min_ratio and spectrum do): use a model without BatchNorm (e.g. "
                  "--model_arg=norm=none)")
     return e
+
+
+def compute_precision_error(problem) -> str | None:
+    """A message if the model's loss rounds in less than float64 (a layer pinned to
+    ``dtype=jnp.float32``, an internal bfloat16 cast): the apps that train their own inits
+    allow float64 rounding in every tolerance and proof (δ = P·ε₆₄·max|λ|), so such a model is
+    refused before any compute; ``experiments.analyze`` scales δ to the real unit roundoff
+    (crit.precision). Traced to a jaxpr only, nothing runs."""
+    import jax
+
+    from crit.precision import compute_dtypes
+
+    key = jax.random.key(0)
+    params = jax.eval_shape(problem.init_fn, key)
+    if problem.has_state:
+        state = jax.eval_shape(problem.init_state_fn, key)
+        dtypes = compute_dtypes(lambda p: problem.loss_fn(p, state), params)
+    else:
+        dtypes = compute_dtypes(problem.loss_fn, params)
+    if not dtypes or dtypes[-1] == "float64":
+        return None
+    return (f"its loss rounds in {', '.join(dtypes)} (a layer's dtype= or a cast inside the "
+            "model), but this app's tolerances and proofs assume float64 throughout. Make the "
+            "model compute in float64 (e.g. dtype=jnp.float64 on its layers), or analyse the "
+            "trained model with python -m experiments.analyze, whose rounding allowance uses "
+            f"the coarsest unit roundoff ({dtypes[-1]})")
 
 
 def data_from_flags():

@@ -14,7 +14,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "matplotlib", "a
 
 
 def environment(packages=PACKAGES) -> dict:
-    """crit's version, Python, the platform, package versions, JAX devices and process count.
+    """crit's version, Python, the platform, package versions, JAX devices, process count and
+    ``jax_default_matmul_precision`` (None: JAX's default, TF32 / bfloat16 passes for float32
+    dots on GPU / TPU).
 
     crit, Python and the package versions are what a resume compares (crit.store): results
     computed with other versions are never mixed into one run.
@@ -30,4 +32,5 @@ def environment(packages=PACKAGES) -> dict:
     return {"crit": crit.__version__, "python": sys.version.split()[0],
             "platform": platform.platform(), "packages": versions,
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-            "process_count": jax.process_count()}
+            "process_count": jax.process_count(),
+            "matmul_precision": jax.config.jax_default_matmul_precision}

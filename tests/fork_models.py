@@ -60,3 +60,14 @@ def next_token_xent(logits, tokens):
     """Causal next-token cross-entropy: position t predicts token t + 1 (mean over positions)."""
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
                                                                     tokens[:, 1:]))
+
+
+class Float32LayerMLP(nn.Module):
+    """The mixed-precision idiom: float64 parameters, a hidden layer that computes in float32."""
+    hidden: int = 4
+    n_outputs: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(self.hidden, dtype=jnp.float32, param_dtype=jnp.float64)(x))
+        return nn.Dense(self.n_outputs, param_dtype=jnp.float64)(h)

@@ -229,6 +229,32 @@ def test_float32_spectrum_with_lanczos_is_refused_before_compute(tmp_path):
         assert not out.exists()
 
 
+def test_matmul_precision_is_set_recorded_and_in_the_fingerprint(tiny_run, tmp_path):
+    """JAX's default matmul precision (TF32 / bfloat16 passes for float32 dots on GPU / TPU) is
+    never left implicit: config.json records the value set, and a resume under another is
+    refused before any compute."""
+    out, _ = tiny_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["environment"]["matmul_precision"] == "highest"
+    assert config["protocol"]["matmul_precision"] == "highest"
+    copy = copy_run(out, tmp_path / "copy_mp")
+    proc = run_app(*TINY, "--num_inits=6", "--chunk_size=2", "--matmul_precision=default",
+                   f"--out_dir={copy}", check=False)
+    assert proc.returncode != 0 and "matmul_precision" in proc.stderr
+
+
+@pytest.mark.parametrize("app", ["min_ratio", "spectrum"])
+def test_model_that_computes_in_float32_is_refused_before_compute(app, tmp_path):
+    """A fork's float32 layer under float64 parameters rounds at 1e-7, not at the float64
+    allowance every tolerance here assumes: refused, naming the dtype, nothing written."""
+    out = tmp_path / "never"
+    proc = _run(app, "--model=tests.fork_models:Float32LayerMLP", "--n_points=16",
+                "--train_steps=5", f"--out_dir={out}", check=False, timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert "float32" in proc.stderr and "experiments.analyze" in proc.stderr
+    assert not out.exists()
+
+
 def test_out_dir_that_is_a_file(tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")
