@@ -64,6 +64,9 @@ REL_TOL_GRID = tuple(float(10.0 ** e) for e in np.arange(-12.0, -0.99, 0.5))
 SEARCH_ERROR_FACTOR = 3.0
 #: Interval width below which a fraction counts as resolved (``resolved``, ``tol_mode``).
 RESOLVE_WIDTH = 0.05
+#: No fraction is called resolved at a τ above this fraction of max|θ|: at τ = 0.1·λ_max
+#: "null" swallows most of any bulk, and a narrow interval there says nothing about the signs.
+RESOLVE_CEILING = 1e-2
 TOL_MODES = ("resolved", "machine")
 
 
@@ -125,7 +128,8 @@ class KrylovSpectrum(NamedTuple):
     rounding allowance :math:`\delta` of the verdict."""
     resolved: Array
     """bool, the min-ratio and index intervals at ``tolerance`` are at most ``resolve_width``
-    wide. An unresolved point estimate must not be read as known."""
+    wide and ``tolerance_rel`` is at most ``resolve_ceiling``. An unresolved point estimate
+    must not be read as known."""
     grid_tolerance: Array
     """(G,) Tolerances of the sign-fraction grid, :data:`REL_TOL_GRID` times max|θ|."""
     grid_fractions: SpectralFractions
@@ -235,6 +239,26 @@ def _rayleigh(matvec, ys):
     return r, jnp.linalg.norm(hy - r[:, None] * ys, axis=1)
 
 
+def common_tolerance_index(tolerance_rel, resolved, resolve_ceiling: float = RESOLVE_CEILING
+                           ) -> int:
+    r"""The one relative :math:`\tau` at which a summary pooling many spectra compares them:
+    an index into :data:`REL_TOL_GRID`.
+
+    ``tol_mode="resolved"`` picks :math:`\tau` per spectrum, so fractions of different runs
+    are counted at different scales (a min ratio at :math:`10^{-8}\max|\theta|` and one at
+    :math:`10^{-3}\max|\theta|` are not the same quantity). The common scale is the coarsest
+    per-spectrum resolved :math:`\tau` (every resolved spectrum is then resolved there too, up
+    to the monotonicity of the interval widths, which the caller checks), over the spectra
+    resolved at all; with none resolved, the largest grid value under ``resolve_ceiling``.
+    ``tolerance_rel`` and ``resolved`` are per-spectrum arrays (``KrylovSpectrum`` fields).
+    """
+    grid = np.asarray(REL_TOL_GRID)
+    under = grid <= resolve_ceiling * (1 + 1e-9)
+    rel = np.asarray(tolerance_rel, dtype=float)[np.asarray(resolved, bool)]
+    target = float(np.max(rel)) if rel.size else float(grid[under][-1])
+    return int(np.argmin(np.abs(np.log(grid) - np.log(target))))
+
+
 def _sign_widths(fr: SpectralFractions) -> Array:
     return jnp.maximum(fr.positive.hi - fr.positive.lo, fr.negative.hi - fr.negative.lo)
 
@@ -243,6 +267,7 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
                     num_steps: int = 90, num_probes: int = 8, k: int = 5,
                     tol: Optional[float] = None, z: float = 2.0, tol_scale: float = 1.0,
                     tol_mode: str = "resolved", resolve_width: float = RESOLVE_WIDTH,
+                    resolve_ceiling: float = RESOLVE_CEILING,
                     deflate: bool = True, deflate_tol: float = 1e-10,
                     max_steps: Optional[int] = None, target_width: float = RESOLVE_WIDTH,
                     target_tol: Optional[float] = None, target_rel_tol: float = 1e-4,
@@ -279,11 +304,16 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         How :math:`\tau` is chosen when ``tol`` is None. ``"resolved"`` (default): the
         smallest :math:`\tau` of the grid :data:`REL_TOL_GRID` :math:`\cdot \max|\theta|` at
         which the min-ratio and index intervals are at most ``resolve_width`` wide (the
-        scale this run can answer at; the largest grid value if none is). ``"machine"``:
+        scale this run can answer at), searched up to ``resolve_ceiling``; if none is, the
+        largest grid value at or below the ceiling, marked unresolved. ``"machine"``:
         :math:`\tau` = ``tol_scale`` :math:`\cdot n\epsilon\max|\theta|`, the dense path's
         default, to compare with exact counts (usually unresolved at large P).
     z
         Standard errors added on each side of the bias bracket.
+    resolve_ceiling
+        ``resolved`` is False at any :math:`\tau > ` ``resolve_ceiling`` :math:`\cdot
+        \max|\theta|` (a given ``tol`` included), however narrow the intervals: at
+        :math:`\tau = 0.1\max|\theta|` most of a bulk counts as null (default 1e-2).
     deflate
         Take the converged extremal Ritz pairs (residual :math:`\le` ``deflate_tol``
         :math:`\cdot\max|\theta|`, at most k per end) out of the operator before the SLQ runs:
@@ -472,9 +502,12 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
     elif tol_mode == "machine":
         tau = machine
     else:
-        ok = _sign_widths(grid_fr) <= resolve_width
-        tau = jnp.where(jnp.any(ok), grid[jnp.argmax(ok)], grid[-1])
+        under = jnp.asarray(REL_TOL_GRID) <= resolve_ceiling * (1 + 1e-9)
+        ok = (_sign_widths(grid_fr) <= resolve_width) & under
+        top_under = jnp.maximum(jnp.sum(under) - 1, 0)
+        tau = jnp.where(jnp.any(ok), grid[jnp.argmax(ok)], grid[top_under])
     fr = slq_fractions(result, tau, z=z)
+    tau_rel = tau / jnp.where(scale > 0, scale, 1.0)
     extra = 2 * k if deflate else 1
     return KrylovSpectrum(
         min_ratio=fr.positive.mean, min_ratio_lo=fr.positive.lo, min_ratio_hi=fr.positive.hi,
@@ -486,8 +519,9 @@ def krylov_spectrum(matvec: Callable[[Array], Array], key: Array, dim: int, *,
         smallest=bot, smallest_residuals=bot_rho, smallest_converged=bot_ok,
         nodes=result.nodes, weights=result.weights, node_residuals=result.residuals,
         node_valid=result.valid, node_coupling=result.coupling, fractions=fr, tolerance=tau,
-        tolerance_rel=tau / jnp.where(scale > 0, scale, 1.0), machine_tolerance=machine,
-        resolved=_sign_widths(fr) <= resolve_width, grid_tolerance=grid,
+        tolerance_rel=tau_rel, machine_tolerance=machine,
+        resolved=(_sign_widths(fr) <= resolve_width) & (tau_rel <= resolve_ceiling * (1 + 1e-9)),
+        grid_tolerance=grid,
         grid_fractions=grid_fr, verdict=verdict, escape_direction=ys[0],
         lambda_max_bound=c, deflated=deflated,
         num_deflated=jnp.sum(~jnp.isnan(deflated)), slack=slack, probe_mass=mass,

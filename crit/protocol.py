@@ -63,6 +63,8 @@ class ProtocolConfig(NamedTuple):
     probe_max_steps: int = 0        # adaptive SLQ up to this many steps per run (0: one block)
     target_rel_tol: float = 1e-4    # adaptive runs stop when sharp at τ = this·max|θ| ...
     resolve_width: float = 0.05     # ... i.e. intervals at most this wide (also: "resolved")
+    resolve_ceiling: float = 1e-2   # never "resolved" at τ above this·max|θ| (crit.krylov)
+    hvp_dtype: str = "float64"      # Krylov search precision; proofs stay float64 (check_matvec)
 
 
 class InitRecord(NamedTuple):
@@ -143,6 +145,12 @@ class KrylovInitRecord(NamedTuple):
     ritz_smallest: jax.Array
     slq_nodes: jax.Array
     slq_weights: jax.Array
+    grid_min_ratio: jax.Array      # (G,) min ratio at every τ of crit.krylov.REL_TOL_GRID
+    grid_min_ratio_lo: jax.Array
+    grid_min_ratio_hi: jax.Array
+    grid_width: jax.Array          # (G,) the wider of the min-ratio and index intervals
+    search_error: jax.Array        # measured bound on ‖H̃v − Hv‖ of a low-precision search (0)
+    num_check_matvecs: jax.Array   # float64 products of a low-precision search (0 if float64)
     curve_loss: jax.Array
     curve_grad_norm: jax.Array
     finder_history: jax.Array
@@ -257,6 +265,27 @@ def _hvp_batch(problem: Problem, cfg: ProtocolConfig, state=None):
                        jnp.asarray(problem.dataset.y_train), cfg.hvp_batch_size)
 
 
+def search_hessian_operator(problem: Problem, cfg: ProtocolConfig, params, state=None):
+    r"""The HVP of the full-data loss computed in ``cfg.hvp_dtype`` (parameters, state, data
+    and tangent cast down, the product cast back to float64): the cheap operator a
+    low-precision Lanczos search runs on (issue 24 point 3). Batches of ``cfg.hvp_batch_size``
+    (else ``problem.eval_batch_size``, else all rows), weighted n_b/N as
+    :func:`crit.hessian.full_batch_hvp_operator`; ``jax_default_matmul_precision`` is the
+    run's (the apps set it). The proofs use :func:`hessian_operator` in float64."""
+    from crit.analysis import cast_floats
+    from crit.hessian import full_batch_hvp_operator
+
+    dtype = jnp.dtype(cfg.hvp_dtype)
+    x = jnp.asarray(problem.dataset.x_train)
+    y = jnp.asarray(problem.dataset.y_train)
+    low_state = cast_floats(state, dtype) if state is not None else None
+    batch = cfg.hvp_batch_size or problem.eval_batch_size or x.shape[0]
+    _, low = full_batch_hvp_operator(_bound_batch_loss(problem, low_state),
+                                     cast_floats(params, dtype), cast_floats(x, dtype),
+                                     cast_floats(y, dtype), batch)
+    return lambda v: low(v.astype(dtype)).astype(jnp.float64)
+
+
 def hessian_operator(problem: Problem, cfg: ProtocolConfig, params, state=None):
     """(grad_flat, matvec) of the full-data Hessian at ``params``, batched if asked."""
     from crit.hessian import full_batch_hvp_operator, hvp_operator
@@ -276,7 +305,7 @@ def krylov_kwargs(cfg: ProtocolConfig) -> dict:
     return dict(num_steps=cfg.lanczos_steps, num_probes=cfg.slq_probes,
                 k=min(KRYLOV_K, cfg.lanczos_steps), tol=cfg.eig_tol, tol_mode=cfg.krylov_tol,
                 deflate=cfg.deflate, resolve_width=cfg.resolve_width,
-                target_width=cfg.resolve_width, target_rel_tol=cfg.target_rel_tol,
+                resolve_ceiling=cfg.resolve_ceiling, target_width=cfg.resolve_width, target_rel_tol=cfg.target_rel_tol,
                 max_steps=cfg.probe_max_steps or None)
 
 
@@ -295,13 +324,19 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
         found = find_critical_point(loss_fn, params, cfg.finder, cfg.grad_tol,
                                     **finder_kwargs(cfg))
     _, matvec = hessian_operator(problem, cfg, found.params, state)
-    spec = krylov_spectrum(matvec, jax.random.fold_in(init_key(cfg.seed, init_id), 1),
-                           problem.n_params, **krylov_kwargs(cfg))
+    key = jax.random.fold_in(init_key(cfg.seed, init_id), 1)
+    search = None
+    if cfg.hvp_dtype == "float64":
+        spec = krylov_spectrum(matvec, key, problem.n_params, **krylov_kwargs(cfg))
+    else:  # search in low precision; Ritz pairs, the verdict's y'Hy and residuals in float64
+        search = search_hessian_operator(problem, cfg, found.params, state)
+        spec = krylov_spectrum(search, key, problem.n_params, check_matvec=matvec,
+                               **krylov_kwargs(cfg))
     norm = jnp.maximum(jnp.abs(spec.lambda_min), jnp.abs(spec.lambda_max))
     cert = certify(loss_fn, found.params, norm, cfg.grad_tol, cfg.flat_tol)
     margin = nearby_margin(loss_fn, found.params, spec.escape_direction,
                            minres_iters=cfg.minres_iters,
-                           hvp_batch=_hvp_batch(problem, cfg, state))
+                           hvp_batch=_hvp_batch(problem, cfg, state), step_matvec=search)
     verdict = critical_point_verdict(with_criticality(spec.verdict, cert.status == CRITICAL),
                                      margin)
     return KrylovInitRecord(
@@ -323,6 +358,13 @@ def analyze_init_krylov(problem: Problem, cfg: ProtocolConfig, init_id) -> Krylo
         negative_excluded_below=verdict.excluded_below, num_deflated=spec.num_deflated,
         num_matvecs=spec.num_matvecs, ritz_largest=spec.largest, ritz_smallest=spec.smallest,
         slq_nodes=spec.nodes, slq_weights=spec.weights,
+        grid_min_ratio=spec.grid_fractions.positive.mean,
+        grid_min_ratio_lo=spec.grid_fractions.positive.lo,
+        grid_min_ratio_hi=spec.grid_fractions.positive.hi,
+        search_error=jnp.asarray(spec.search_error, jnp.float64),
+        num_check_matvecs=spec.num_check_matvecs,
+        grid_width=jnp.maximum(spec.grid_fractions.positive.hi - spec.grid_fractions.positive.lo,
+                               spec.grid_fractions.negative.hi - spec.grid_fractions.negative.lo),
         curve_loss=log.loss.astype(jnp.float64),
         curve_grad_norm=log.grad_norm.astype(jnp.float64), finder_history=found.history)
 
@@ -421,11 +463,13 @@ def estimate_bytes_per_init(problem: Problem, cfg: ProtocolConfig | None = None)
 
 def estimate_bytes_per_record(problem: Problem, cfg: ProtocolConfig) -> int:
     """Bytes of one init's results as the chunk returns them (raw eigenvalues or SLQ nodes and
-    weights, curves, finder history and ~30 scalars), in float64."""
+    weights and the sign-fraction grid, curves, finder history and ~30 scalars), in float64."""
     curves = 2 * (cfg.train_steps // max(cfg.log_every, 1) + 1) + cfg.finder_steps + 1
     if cfg.hessian == "lanczos":
         steps = max(cfg.lanczos_steps, cfg.probe_max_steps)
-        spectrum = 2 * cfg.slq_probes * steps + 2 * cfg.lanczos_steps
+        from crit.krylov import REL_TOL_GRID
+
+        spectrum = 2 * cfg.slq_probes * steps + 2 * cfg.lanczos_steps + 4 * len(REL_TOL_GRID)
     else:
         spectrum = problem.n_params
     return int(8 * (spectrum + curves + 32))
@@ -550,3 +594,36 @@ def balanced_chunk_size(num_inits: int, max_chunk: int, multiple: int = 1) -> in
     n_chunks = -(-num_inits // max_chunk)
     per_chunk = -(-num_inits // n_chunks)
     return -(-per_chunk // multiple) * multiple
+
+
+def common_tolerance_columns(records: dict, resolve_width: float, resolve_ceiling: float,
+                             per_point: bool = True) -> dict:
+    r"""The min ratio of every init at one common relative :math:`\tau`, for pooled summaries.
+
+    With ``krylov_tol="resolved"`` each init's fractions sit at its own finest resolved
+    :math:`\tau`; quantiles, Spearman's :math:`\rho` and figures over inits must not mix
+    scales. This reads each init's fractions on the :data:`crit.krylov.REL_TOL_GRID` grid
+    (``grid_*`` fields of :class:`KrylovInitRecord`) at
+    :func:`crit.krylov.common_tolerance_index` and returns ``tolerance_common_rel`` (the same
+    for every row), ``min_ratio_common`` with ``_lo``/``_hi``, and ``resolved_common`` (the
+    intervals there at most ``resolve_width`` wide, the τ under ``resolve_ceiling``).
+    ``per_point=False`` (a given ``--eig_tol``, or ``krylov_tol="machine"``: τ/max|θ| already
+    common) returns the per-point columns under the common names.
+    """
+    from crit.krylov import REL_TOL_GRID, common_tolerance_index
+
+    n = len(records["min_ratio"])
+    if not per_point:
+        return {"tolerance_common_rel": np.asarray(records["tolerance_rel"], float),
+                "min_ratio_common": records["min_ratio"],
+                "min_ratio_common_lo": records["min_ratio_lo"],
+                "min_ratio_common_hi": records["min_ratio_hi"],
+                "resolved_common": np.asarray(records["resolved"], bool)}
+    g = common_tolerance_index(records["tolerance_rel"], records["resolved"], resolve_ceiling)
+    rel = REL_TOL_GRID[g]
+    width = np.asarray(records["grid_width"])[:, g]
+    return {"tolerance_common_rel": np.full(n, rel),
+            "min_ratio_common": np.asarray(records["grid_min_ratio"])[:, g],
+            "min_ratio_common_lo": np.asarray(records["grid_min_ratio_lo"])[:, g],
+            "min_ratio_common_hi": np.asarray(records["grid_min_ratio_hi"])[:, g],
+            "resolved_common": (width <= resolve_width) & (rel <= resolve_ceiling * (1 + 1e-9))}

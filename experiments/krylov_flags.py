@@ -33,6 +33,15 @@ flags.DEFINE_integer("hvp_budget", 0, "Adaptive SLQ: most HVPs per spectrum in a
 flags.DEFINE_float("target_rel_tol", 1e-4, "τ / max|θ| at which adaptive runs must be sharp.")
 flags.DEFINE_float("resolve_width", 0.05, "Interval width at or below which a fraction is "
                    "resolved; wider point estimates are marked unresolved.")
+flags.DEFINE_enum("hvp_dtype", "float64", ["float64", "float32", "bfloat16"],
+                  "Precision of the Lanczos search's HVPs. float32/bfloat16: the search runs on "
+                  "cast parameters and data (fast on GPUs/TPUs), its error against float64 is "
+                  "measured on the probes and widens every interval, and the extremal Ritz "
+                  "pairs, the verdict's y'Hy and residuals are recomputed in float64 (a proof "
+                  "stays a float64 proof). Dots follow --matmul_precision.")
+flags.DEFINE_float("resolve_ceiling", 1e-2, "No fraction is resolved at τ above this·max|θ| "
+                   "(at τ = 0.1·λ_max most of a bulk counts as null, however narrow the "
+                   "interval); --krylov_tol=resolved searches the grid up to it.")
 
 EXTREMAL_K = KRYLOV_K  # Ritz pairs per end in min_ratio: reported, Rayleigh-checked, deflated
 
@@ -62,7 +71,7 @@ def krylov_errors(lanczos_steps: int, slq_probes: int, k: int = EXTREMAL_K) -> l
             errors.append(f"--hvp_budget={FLAGS.hvp_budget}: one block of --lanczos_steps="
                           f"{lanczos_steps} for the extremal run and --slq_probes="
                           f"{slq_probes} probes already costs {need} HVPs")
-    for name in ("target_rel_tol", "resolve_width"):
+    for name in ("target_rel_tol", "resolve_width", "resolve_ceiling"):
         value = getattr(FLAGS, name)
         if not (math.isfinite(value) and 0 < value < 1):
             errors.append(f"--{name}={value}: must be in (0, 1)")
@@ -108,7 +117,8 @@ def krylov_options() -> dict:
     """The flags' values, for the protocol config and config.json."""
     return dict(krylov_tol=FLAGS.krylov_tol, deflate=FLAGS.deflate,
                 hvp_budget=FLAGS.hvp_budget, target_rel_tol=FLAGS.target_rel_tol,
-                resolve_width=FLAGS.resolve_width)
+                resolve_width=FLAGS.resolve_width, resolve_ceiling=FLAGS.resolve_ceiling,
+                hvp_dtype=FLAGS.hvp_dtype)
 
 flags.DEFINE_enum("shard_axis", "auto", ["auto", "inits", "data"],
                   "What is spread over the devices (and processes): 'inits' (many small models, "
@@ -135,11 +145,16 @@ def shard_axis(num_inits: int, problem) -> tuple[str, str]:
 
 def shard_axis_errors(axis: str) -> list[str]:
     """Flags that do not combine with the resolved axis, each named."""
+    errors = []
     if axis == "data" and getattr(FLAGS, "hvp_batch_size", 0):
-        return [f"--hvp_batch_size={FLAGS.hvp_batch_size}: sums HVP batches on one device; "
-                "with --shard_axis=data the full-data HVP is already summed over data shards "
-                "in batches of --eval_batch_size (set that instead)"]
-    return []
+        errors.append(f"--hvp_batch_size={FLAGS.hvp_batch_size}: sums HVP batches on one "
+                      "device; with --shard_axis=data the full-data HVP is already summed over "
+                      "data shards in batches of --eval_batch_size (set that instead)")
+    if axis == "data" and FLAGS.hvp_dtype != "float64":
+        errors.append(f"--hvp_dtype={FLAGS.hvp_dtype}: a low-precision search runs on the "
+                      "inits axis only (its cast copy of the data sits on one device); use "
+                      "--shard_axis=inits or --hvp_dtype=float64")
+    return errors
 
 
 def shard_line(axis: str, reason: str, problem) -> str:

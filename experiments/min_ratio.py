@@ -88,13 +88,18 @@ KRYLOV_COLUMNS = ("init_id", "status", "verdict", "loss", "grad_norm", "n_params
                   "null_fraction_hi", "resolved", "tolerance", "tolerance_rel", "lambda_min",
                   "lambda_max", "lambda_min_converged", "lambda_max_converged",
                   "num_deflated", "finder_iterations", "num_matvecs", "flatness",
-                  "train_loss", "train_grad_norm", "verdict_margin", "curvature_ratio")
+                  "train_loss", "train_grad_norm", "verdict_margin", "curvature_ratio",
+                  "tolerance_common_rel", "min_ratio_common", "min_ratio_common_lo",
+                  "min_ratio_common_hi", "resolved_common", "search_error",
+                  "num_check_matvecs")
+# Pooled over inits (summary, figure) the min ratio is read at one relative τ for all:
+# tolerance_common_rel, the coarsest per-init resolved τ (crit.protocol.common_tolerance_columns).
 
 
 # Flags of the Krylov spectrum only: the dense path (eigvalsh of the exact Hessian) never reads
 # them. --minres_iters is not among them: the verdict margin (crit.nearby) uses it in both modes.
 KRYLOV_ONLY = ("hvp_batch_size", "lanczos_steps", "slq_probes", "krylov_tol", "deflate",
-               "hvp_budget", "target_rel_tol", "resolve_width")
+               "hvp_budget", "target_rel_tol", "resolve_width", "resolve_ceiling", "hvp_dtype")
 
 
 def unused_krylov_flags() -> list[str]:
@@ -159,7 +164,8 @@ def protocol_config(n_params: int, vmap_width: int) -> ProtocolConfig:
         probe_max_steps=krylov_flags.probe_max_steps(
             FLAGS.lanczos_steps, FLAGS.slq_probes,
             min(krylov_flags.EXTREMAL_K, FLAGS.lanczos_steps)),
-        target_rel_tol=FLAGS.target_rel_tol, resolve_width=FLAGS.resolve_width)
+        target_rel_tol=FLAGS.target_rel_tol, resolve_width=FLAGS.resolve_width,
+        resolve_ceiling=FLAGS.resolve_ceiling, hvp_dtype=FLAGS.hvp_dtype)
 
 
 def default_vmap_width() -> int:
@@ -281,14 +287,16 @@ def summarize(records: dict) -> str:
              "  verdicts: " + ", ".join(f"{VERDICT_TEXT[v]} {int((verdict == v).sum())}"
                                         for v in VERDICTS if (verdict == v).any())]
     krylov = "eigenvalues" not in records
-    resolved = records["resolved"].astype(bool) if krylov else np.ones(len(status), bool)
+    ratio = records["min_ratio_common"] if krylov else records["min_ratio"]
+    resolved = records["resolved_common"].astype(bool) if krylov else np.ones(len(status), bool)
     if krylov:
-        lines.append(f"  SLQ fractions resolved (intervals <= {FLAGS.resolve_width:g} wide) at "
-                     f"{int(resolved.sum())} of {len(status)} points; unresolved point "
-                     "estimates are left out of the quantiles below")
+        lines.append(f"  SLQ fractions pooled at one τ = {records['tolerance_common_rel'][0]:.0e}"
+                     f"·max|θ| (the coarsest per-point resolved τ), resolved there (intervals <= "
+                     f"{FLAGS.resolve_width:g} wide) at {int(resolved.sum())} of {len(status)} "
+                     "points; unresolved point estimates are left out of the quantiles below")
     for name, sel in (("critical", status == "critical"), ("all", np.ones(len(status), bool))):
         sel = sel & resolved
-        r = records["min_ratio"][sel]
+        r = ratio[sel]
         if r.size == 0:
             lines.append(f"  {name}: none")
             continue
@@ -304,11 +312,11 @@ def summarize(records: dict) -> str:
     lines.append(f"  gradient norm: median {np.median(records['grad_norm']):.2e}, "
                  f"max {np.max(records['grad_norm']):.2e}")
     if krylov:
-        lo, hi = records["min_ratio_lo"], records["min_ratio_hi"]
+        lo, hi = records["min_ratio_common_lo"], records["min_ratio_common_hi"]
         rel = records["tolerance_rel"]
-        lines.append(f"  SLQ intervals: median width of [min_ratio_lo, min_ratio_hi] = "
-                     f"{np.median(hi - lo):.3f} at τ/max|θ| from {np.min(rel):.0e} to "
-                     f"{np.max(rel):.0e} (median {np.median(rel):.0e})")
+        lines.append(f"  SLQ intervals: median width of [min_ratio_common_lo, _hi] = "
+                     f"{np.median(hi - lo):.3f}; per-point τ/max|θ| (results.csv min_ratio_est) "
+                     f"from {np.min(rel):.0e} to {np.max(rel):.0e} (median {np.median(rel):.0e})")
         return "\n".join(lines)
     lines.append("  tolerance sensitivity (median min ratio / null fraction, all inits): " + ", ".join(
         f"τ×{m:g}: {np.median(s.min_ratio):.3f} / {np.median(s.null_fraction):.3f}"
@@ -439,22 +447,30 @@ def main(argv):
     if not np.array_equal(ids, np.arange(FLAGS.num_inits)):
         missing = sorted(set(range(FLAGS.num_inits)) - set(ids.tolist()))
         raise RuntimeError(f"results for inits {missing[:10]} are missing; rerun to compute them")
+    from crit.protocol import common_tolerance_columns
     from crit.train import log_steps
 
+    krylov = cfg.hessian == "lanczos"
+    per_point = krylov and cfg.krylov_tol == "resolved" and cfg.eig_tol is None
+    if krylov:
+        records.update(common_tolerance_columns(records, cfg.resolve_width, cfg.resolve_ceiling,
+                                                per_point=per_point))
     assemble(out_dir, records, problem.n_params, log_steps(cfg.train_steps, cfg.log_every))
     status = [STATUSES[s] for s in records["status"]]
     if cfg.eig_tol is not None:
         tol = f"τ = {cfg.eig_tol:g}"
-    elif cfg.hessian == "lanczos" and cfg.krylov_tol == "resolved":
-        tol = f"τ per point: finest with intervals ≤ {cfg.resolve_width:g}"
+    elif per_point:
+        tol = (f"one τ = {records['tolerance_common_rel'][0]:.0e}·max|θ| for all: the coarsest "
+               f"per-point τ with intervals ≤ {cfg.resolve_width:g}")
     else:
         tol = "τ = P·ε·max|λ| per point"
     plots.min_ratio_figure(
-        records["loss"], records["min_ratio"], status, out_dir,
+        records["loss"], records["min_ratio_common" if krylov else "min_ratio"], status, out_dir,
         title=f"{problem.name}, P = {problem.n_params}, {FLAGS.num_inits} inits, finder "
               f"{cfg.finder}; critical iff ‖∇L‖ ≤ {cfg.grad_tol:g}",
-        tolerance_note=tol, ratio_lo=records.get("min_ratio_lo"),
-        ratio_hi=records.get("min_ratio_hi"), resolved=records.get("resolved"))
+        tolerance_note=tol,
+        ratio_lo=records.get("min_ratio_common_lo"), ratio_hi=records.get("min_ratio_common_hi"),
+        resolved=records.get("resolved_common"))
     print(summarize(records))
     print(f"wrote {out_dir}/results.csv, spectra.npz, curves.npz, min_ratio.png/.pdf")
 

@@ -90,7 +90,7 @@ def compute_precision_error(problem) -> str | None:
     params = jax.eval_shape(problem.init_fn, key)
     if problem.has_state:
         state = jax.eval_shape(problem.init_state_fn, key)
-        dtypes = compute_dtypes(lambda p: problem.loss_fn(p, state), params)
+        dtypes = compute_dtypes(problem.loss_fn, params, state)
     else:
         dtypes = compute_dtypes(problem.loss_fn, params)
     if not dtypes or dtypes[-1] == "float64":

@@ -381,11 +381,23 @@ def make_analysis(problem, shardings=None):
                 FLAGS.hvp_batch_size)
         else:
             grad, matvec = hvp_operator(loss_fn, params)
-        spec = krylov_spectrum(matvec, key, theta.size, num_steps=FLAGS.lanczos_steps,
+        search = None
+        if FLAGS.hvp_dtype != "float64":  # low-precision search, float64 proof (check_matvec)
+            from types import SimpleNamespace
+
+            from crit.protocol import search_hessian_operator
+
+            search = search_hessian_operator(
+                problem, SimpleNamespace(hvp_dtype=FLAGS.hvp_dtype,
+                                         hvp_batch_size=FLAGS.hvp_batch_size), params, state)
+        spec = krylov_spectrum(search or matvec, key, theta.size,
+                               check_matvec=matvec if search is not None else None,
+                               num_steps=FLAGS.lanczos_steps,
                                num_probes=FLAGS.slq_probes, k=FLAGS.num_eigs,
                                tol=FLAGS.eig_tol, z=FLAGS.z, tol_scale=FLAGS.tol_scale,
                                tol_mode=FLAGS.krylov_tol, deflate=FLAGS.deflate,
                                resolve_width=FLAGS.resolve_width,
+                               resolve_ceiling=FLAGS.resolve_ceiling,
                                target_width=FLAGS.resolve_width,
                                target_rel_tol=FLAGS.target_rel_tol, max_steps=max_steps,
                                probe_batch=FLAGS.probe_batch or None)
@@ -589,8 +601,8 @@ def summary_figure(out_dir, table, title) -> None:
         if name in table:
             ax_r.plot(x, table[name], "x", color=color, ms=8, label=f"{name} (exact)")
     ax_r.set_ylim(-0.02, 1.02)
-    ax_r.set_title("at τ = " + ", ".join(f"{r:.0e}" for r in table["tolerance_rel"])
-                   + " × max|θ|", fontsize=8)
+    rels = sorted(set(float(r) for r in table["tolerance_rel"]))
+    ax_r.set_title("at τ = " + ", ".join(f"{r:.0e}" for r in rels) + " × max|θ|", fontsize=8)
     ax_r.set_xlabel("training step")
     ax_r.set_ylabel("fraction of eigenvalues")
     ax_r.legend(fontsize=7)
@@ -762,7 +774,8 @@ def cdf_table(rows) -> dict:
                     table[f"{n}_{end}"].append(float(row[f"cdf_{n}_{end}"][g]))
                 if dense:
                     table[f"exact_{n}"].append(float(row[f"cdf_exact_{n}"][g]))
-            table["resolved"].append(bool(width[g] <= FLAGS.resolve_width))
+            table["resolved"].append(bool(width[g] <= FLAGS.resolve_width
+                                          and rel <= FLAGS.resolve_ceiling * (1 + 1e-9)))
     return {c: np.asarray(v) for c, v in table.items()}
 
 
@@ -801,8 +814,36 @@ def write_outputs(out_dir, problem, rows, snapshots, curve_loss, curve_grad) -> 
                 "τ = P·ε·max|θ|" if FLAGS.krylov_tol == "machine" else
                 f"τ = finest resolved (intervals ≤ {FLAGS.resolve_width:g})"))
     density_figure(out_dir, rows, problem.n_params, title)
+    if FLAGS.eig_tol is None and FLAGS.krylov_tol == "resolved":
+        table, common = at_common_tolerance(rows, table)
+        title = title.replace(f"τ = finest resolved (intervals ≤ {FLAGS.resolve_width:g})",
+                              f"one τ = {common:.0e}·max|θ| for all snapshots (the coarsest "
+                              f"per-snapshot resolved τ)")
     summary_figure(out_dir, table, title)
     cdf_figure(out_dir, rows, title)
+
+
+def at_common_tolerance(rows, table) -> tuple[dict, float]:
+    """spectrum.csv's columns with every snapshot's fractions read at one relative τ from its
+    grid (crit.krylov.common_tolerance_index): what the summary figure draws, so snapshots are
+    compared at one scale. spectrum.csv keeps each snapshot's own τ."""
+    from crit.krylov import REL_TOL_GRID, common_tolerance_index
+
+    g = common_tolerance_index([float(r["spec_tolerance_rel"]) for r in rows],
+                               [bool(r["spec_resolved"]) for r in rows], FLAGS.resolve_ceiling)
+    pooled = dict(table)
+    for n in ESTIMATED:
+        pooled[n + "_est"] = np.asarray([float(r[f"cdf_{n}_est"][g]) for r in rows])
+        for end in ("lo", "hi"):
+            pooled[f"{n}_{end}"] = np.asarray([float(r[f"cdf_{n}_{end}"][g]) for r in rows])
+        if n in table:
+            pooled[n] = np.asarray([float(r[f"cdf_exact_{n}"][g]) for r in rows])
+    width = np.maximum(pooled["min_ratio_hi"] - pooled["min_ratio_lo"],
+                       pooled["index_hi"] - pooled["index_lo"])
+    pooled["resolved"] = (width <= FLAGS.resolve_width) & (
+        REL_TOL_GRID[g] <= FLAGS.resolve_ceiling * (1 + 1e-9))
+    pooled["tolerance_rel"] = np.full(len(rows), REL_TOL_GRID[g])
+    return pooled, REL_TOL_GRID[g]
 
 
 def cdf_figure(out_dir, rows, title) -> None:

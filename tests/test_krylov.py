@@ -123,3 +123,53 @@ def test_slq_part_equals_crit_slq_with_probe_batches():
     assert lam.size * eps * float(out.lambda_max) <= float(out.tolerance)
     assert float(out.tolerance) <= lam.size * eps * 3.0 * (1 + 1e-12)
     assert lam.min() <= float(out.lambda_min) and float(out.lambda_max) <= lam.max() + 1e-12
+
+
+def _bulk_and_outliers():
+    """Three outliers (1, 0.5, -0.3) over a bulk of 300 eigenvalues in ±1e-3: at τ ≥ 1e-2 the
+    whole bulk counts as null and the intervals are sharp whatever the signs in it."""
+    rng = np.random.default_rng(0)
+    d = jnp.asarray(np.concatenate([[1.0, 0.5, -0.3], rng.uniform(-1e-3, 1e-3, 300)]))
+    return (lambda v: d * v), d.size
+
+
+def test_nothing_is_resolved_above_the_ceiling():
+    """Issue 24 point 6: a narrow interval at τ = 0.05·λ_max says nothing about the bulk's
+    signs; above --resolve_ceiling no fraction is called resolved, and the resolved τ search
+    stays under it."""
+    from crit.krylov import REL_TOL_GRID
+
+    matvec, n = _bulk_and_outliers()
+    key = jax.random.key(3)
+    opts = dict(num_steps=30, num_probes=4, k=3)
+    coarse = krylov_spectrum(matvec, key, n, tol=0.05, resolve_ceiling=1.0, **opts)
+    assert bool(coarse.resolved)  # sharp there: only the ceiling can make it unresolved
+    capped = krylov_spectrum(matvec, key, n, tol=0.05, **opts)  # default ceiling 1e-2
+    assert not bool(capped.resolved)
+    for ceiling in (1e-2, 1e-6):
+        spec = krylov_spectrum(matvec, key, n, resolve_ceiling=ceiling, **opts)
+        assert float(spec.tolerance_rel) <= ceiling * (1 + 1e-9)
+        assert np.min(np.abs(np.asarray(REL_TOL_GRID) / float(spec.tolerance_rel) - 1)) < 1e-9
+
+
+def test_common_tolerance_is_the_coarsest_resolved_one():
+    from crit.krylov import REL_TOL_GRID, common_tolerance_index
+    from crit.protocol import common_tolerance_columns
+
+    grid = np.asarray(REL_TOL_GRID)
+    rel = np.array([grid[2], grid[9], grid[5], grid[20]])
+    resolved = np.array([True, True, True, False])  # the last one is never counted
+    assert common_tolerance_index(rel, resolved) == 9
+    assert common_tolerance_index(rel, np.zeros(4, bool), 1e-2) == int(
+        np.flatnonzero(grid <= 1e-2)[-1])
+    G = grid.size
+    ratio = np.tile(np.linspace(0, 1, G), (4, 1)) + np.arange(4)[:, None] * 1e-3
+    width = np.full((4, G), 0.01)
+    width[1, 9] = 0.2   # widths need not shrink monotonically: checked at the common τ
+    records = dict(min_ratio=ratio[:, 0], tolerance_rel=rel, resolved=resolved,
+                   grid_min_ratio=ratio, grid_min_ratio_lo=ratio - 0.005,
+                   grid_min_ratio_hi=ratio + 0.005, grid_width=width)
+    cols = common_tolerance_columns(records, 0.05, 1e-2)
+    assert np.all(cols["tolerance_common_rel"] == grid[9])
+    np.testing.assert_array_equal(cols["min_ratio_common"], ratio[:, 9])
+    np.testing.assert_array_equal(cols["resolved_common"], [True, False, True, True])

@@ -255,6 +255,53 @@ def test_model_that_computes_in_float32_is_refused_before_compute(app, tmp_path)
     assert not out.exists()
 
 
+def test_lanczos_summaries_pool_inits_at_one_tolerance(tmp_path):
+    """--krylov_tol=resolved picks τ per init; the pooled columns read every init at one τ,
+    the coarsest per-init resolved one, never above --resolve_ceiling (issue 24 point 6)."""
+    out = tmp_path / "k"
+    proc = run_app("--widths=8", "--n_points=16", "--train_steps=40", "--log_every=20",
+                   "--finder_steps=3", "--progress=false", "--num_inits=3", "--hessian=lanczos",
+                   "--lanczos_steps=12", "--slq_probes=3", "--krylov_tol=resolved",
+                   f"--out_dir={out}")
+    rows = read_rows(out / "results.csv")
+    common = {float(r["tolerance_common_rel"]) for r in rows}
+    assert len(common) == 1
+    (tau,) = common
+    assert tau <= 1e-2 * (1 + 1e-9)
+    resolved = [float(r["tolerance_rel"]) for r in rows if r["resolved"] == "True"]
+    if resolved:
+        assert tau == pytest.approx(max(resolved), rel=1e-9)
+    for r in rows:
+        assert float(r["min_ratio_common_lo"]) <= float(r["min_ratio_common"]) <= float(
+            r["min_ratio_common_hi"])
+        if float(r["tolerance_rel"]) == pytest.approx(tau, rel=1e-9):
+            assert float(r["min_ratio_common"]) == pytest.approx(float(r["min_ratio_est"]))
+    assert f"one τ = {tau:.0e}" in proc.stdout
+
+
+def test_float32_search_reproduces_the_float64_proof(tmp_path):
+    """--hvp_dtype=float32 (issue 24 point 3): the same points, searched in float32, proved in
+    float64: the verdicts and λ_max agree, the proven λ_min bounds agree to the float32 search
+    error, and the float64 products are counted."""
+    args = ["--widths=8", "--n_points=16", "--train_steps=40", "--log_every=20",
+            "--finder=gradnorm", "--finder_steps=5", "--progress=false", "--num_inits=2",
+            "--hessian=lanczos", "--lanczos_steps=16", "--slq_probes=2"]
+    run_app(*args, f"--out_dir={tmp_path / 'f64'}")
+    run_app(*args, "--hvp_dtype=float32", f"--out_dir={tmp_path / 'f32'}")
+    f64, f32 = read_rows(tmp_path / "f64" / "results.csv"), read_rows(tmp_path / "f32" / "results.csv")
+    for a, b in zip(f64, f32):
+        assert a["verdict"] == b["verdict"] and a["negative_proven"] == b["negative_proven"]
+        assert float(a["search_error"]) == 0 and int(a["num_check_matvecs"]) == 0
+        assert 0 < float(b["search_error"]) < 1e-4 * float(a["lambda_max"])
+        assert int(b["num_check_matvecs"]) > 0
+        assert float(b["lambda_max"]) == pytest.approx(float(a["lambda_max"]), rel=1e-5)
+        assert abs(float(b["lambda_min_bound"]) - float(a["lambda_min_bound"])) <= 1e-5 * float(
+            a["lambda_max"])
+    dense = run_app(*args[:-3], "--hessian=dense", "--hvp_dtype=float32",
+                    f"--out_dir={tmp_path / 'never'}", check=False)
+    assert dense.returncode != 0 and "--hvp_dtype" in dense.stderr
+
+
 def test_out_dir_that_is_a_file(tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")
