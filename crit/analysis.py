@@ -47,7 +47,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from crit.hessian import dense_hessian, hvp_operator
-from crit.krylov import REL_TOL_GRID, krylov_spectrum
+from crit.krylov import REL_TOL_GRID, RESOLVE_CEILING, krylov_spectrum  # noqa: F401
 from crit.nearby import critical_point_verdict, nearby_margin
 from crit.precision import precision_record
 from crit.spectrum import classify_spectrum, default_tolerance
@@ -66,9 +66,6 @@ MATMUL_PRECISIONS = (None, "highest", "high", "default", "float32", "tensorfloat
 ESCAPE_POINTS = 41
 DENSITY_POINTS = 2000
 EPS64 = float(np.finfo(np.float64).eps)
-#: No sign fraction counts as resolved at τ above this fraction of max|λ|: at τ = 0.1·λ_max a
-#: "resolved" min ratio says little about the sign of the bulk (issue 24, point 5).
-RESOLVE_CEILING = 1e-2
 MARGIN_STEP_MATVECS = 50  # crit.nearby.nearby_margin: the MINRES step (search precision)
 MARGIN_MATVECS = MARGIN_STEP_MATVECS + 3  # ... then y'H(θ+s)y and y'H(θ)y (float64)
 LOG_DENSITY_POINTS = 600
