@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.app_runner import ROOT, assert_same_results, kill_when, read_rows
+from tests.app_runner import ENV, ROOT, assert_same_results, kill_when, read_rows
 from tests.app_runner import run_app as _run
 
 # vmap width 2 > 1: the chunk-size tests then really compare groups of several vmapped inits
@@ -87,6 +87,26 @@ def test_resume_after_lost_chunk_and_stray_temp_file(tiny_run, tmp_path):
     assert assert_same_results(out, copy) == DATA_FILES
     # a resume keeps the config.json of the run it continues
     assert (copy / "config.json").read_bytes() == config_before
+
+
+def test_chunk_size_and_resume_identity_in_the_default_compile_mode(tmp_path):
+    """The bit-identity claims (any --chunk_size, a resumed run) also hold in the compile mode
+    users run: every other app test sets JAX_DISABLE_MOST_OPTIMIZATIONS=1 to compile faster,
+    and XLA's optimizations (fusion, reassociation) could differ between programs."""
+    env = {k: v for k, v in ENV.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+    a, b = tmp_path / "c2", tmp_path / "c4"
+    _run("min_ratio", *TINY, "--num_inits=4", "--chunk_size=2", f"--out_dir={a}", env=env,
+         timeout=300)
+    _run("min_ratio", *TINY, "--num_inits=4", "--chunk_size=4", f"--out_dir={b}", env=env,
+         timeout=300)
+    assert assert_same_results(a, b) == DATA_FILES
+    resumed = copy_run(a, tmp_path / "resumed")
+    sorted((resumed / "chunks").glob("chunk_*.npz"))[1].unlink()
+    (resumed / "results.csv").unlink()
+    proc = _run("min_ratio", *TINY, "--num_inits=4", "--chunk_size=2", f"--out_dir={resumed}",
+                env=env, timeout=300)
+    assert "resuming, 2 inits left" in proc.stdout
+    assert assert_same_results(a, resumed) == DATA_FILES
 
 
 def test_sigkill_mid_run_then_rerun_gives_identical_results(tiny_run, tmp_path):
