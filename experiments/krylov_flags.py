@@ -113,13 +113,6 @@ def batch_statistics_errors() -> list[str]:
             "--eval_batch_size, or use --batchnorm=eval"]
 
 
-def krylov_options() -> dict:
-    """The flags' values, for the protocol config and config.json."""
-    return dict(krylov_tol=FLAGS.krylov_tol, deflate=FLAGS.deflate,
-                hvp_budget=FLAGS.hvp_budget, target_rel_tol=FLAGS.target_rel_tol,
-                resolve_width=FLAGS.resolve_width, resolve_ceiling=FLAGS.resolve_ceiling,
-                hvp_dtype=FLAGS.hvp_dtype)
-
 flags.DEFINE_enum("shard_axis", "auto", ["auto", "inits", "data"],
                   "What is spread over the devices (and processes): 'inits' (many small models, "
                   "each on one device, no communication), 'data' (one large model: the "
